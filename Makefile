@@ -1,0 +1,32 @@
+# make demo: venv + small synthetic checkpoint + a generation.  make test: venv + the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_MODEL ?= checkpoints/small
+PROMPT ?= Once upon a time there was a small machine that
+# No NVIDIA GPU: pin the CPU build of torch (a CUDA build is several GB). Off this workplace, add
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu to get the CPU wheel from PyTorch's own index.
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.4,torch==2.13.0)
+TORCH_INDEX ?=
+
+.PHONY: venv demo test clean
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+$(DEMO_MODEL)/config.json: | venv
+	$(PY) scripts/make_checkpoint.py --preset small --out $(DEMO_MODEL)
+
+demo: venv $(DEMO_MODEL)/config.json
+	$(VENV)/bin/hybrid generate --model $(DEMO_MODEL) --prompt "$(PROMPT)" --max-new-tokens 48
+
+test: venv
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) checkpoints .pytest_cache

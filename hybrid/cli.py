@@ -1,0 +1,57 @@
+"""The `hybrid` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from . import ConfigError, CheckpointError
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .engine import Engine
+    from .tokenizer import StreamDecoder, Tokenizer
+
+    t0 = time.perf_counter()
+    engine = Engine.from_pretrained(args.model)
+    tokenizer = Tokenizer(args.model)
+    print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    ids = tokenizer.encode(args.prompt)
+    stop = [i for i in (tokenizer.eos_id, tokenizer.special.get("<|im_end|>")) if i is not None]
+    print(args.prompt, end="", flush=True)
+    t0 = time.perf_counter()
+    first, out, text = None, [], StreamDecoder(tokenizer)
+    for token in engine.generate(ids, args.max_new_tokens, args.temperature, args.top_p, args.seed, stop):
+        first = first or time.perf_counter()
+        out.append(token)
+        print(text(token), end="", flush=True)
+    end = time.perf_counter()
+    print(text.flush(), end="")
+    decode_tps = (len(out) - 1) / (end - first) if len(out) > 1 else 0.0
+    print(f"\n\n[prompt {len(ids)} tokens, prefill {first - t0:.2f} s; {len(out)} new tokens, "
+          f"decode {decode_tps:.1f} tokens/s]", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="hybrid", description="Kimi-K2 on one box: GPU attention, CPU experts.")
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate a continuation of a prompt and report tokens/s")
+    g.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.set_defaults(func=cmd_generate)
+    args = p.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+        print(f"hybrid: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""fp8 e4m3 weights with 128x128 fp32 block scales: dequantization, quantization, and the weight pair type."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import FP8_BLOCK
+
+FP8_MAX = 448.0
+# torch's fp8 -> fp32 `.float()` runs at ~0.15 G elem/s on CPU; a 256-entry table gather is several times faster.
+_FP8_TABLE = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+
+
+@dataclass
+class Fp8Weight:
+    """A linear weight as stored: fp8 e4m3 [out, in] and its fp32 `weight_scale_inv` [ceil(out/128), ceil(in/128)]."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.q, self.scale, dtype)
+
+
+def fp8_to_float(q: torch.Tensor) -> torch.Tensor:
+    """Exact fp8 e4m3 -> fp32 for a tensor on any device."""
+    if q.device.type != "cpu":
+        return q.float()
+    return _FP8_TABLE[q.view(torch.uint8).int()]
+
+
+def expand_scale(scale: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """[ceil(rows/128), ceil(cols/128)] block scales -> [rows, cols] (partial edge blocks cut off)."""
+    return scale.repeat_interleave(FP8_BLOCK, 0)[:rows].repeat_interleave(FP8_BLOCK, 1)[:, :cols]
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """W[i, j] = fp8(q[i, j]) * scale[i // 128, j // 128] (the scale is multiplied despite its name)."""
+    rows, cols = q.shape
+    w = fp8_to_float(q)
+    w.mul_(expand_scale(scale.float(), rows, cols))
+    return w if dtype == torch.float32 else w.to(dtype)
+
+
+def quantize(w: torch.Tensor) -> Fp8Weight:
+    """Block-quantize a float matrix as DeepSeek's tools do: per 128x128 block, scale = amax / 448."""
+    rows, cols = w.shape
+    pr, pc = -(-rows // FP8_BLOCK) * FP8_BLOCK, -(-cols // FP8_BLOCK) * FP8_BLOCK
+    padded = torch.zeros(pr, pc, dtype=torch.float32)
+    padded[:rows, :cols] = w.float()
+    blocks = padded.view(pr // FP8_BLOCK, FP8_BLOCK, pc // FP8_BLOCK, FP8_BLOCK)
+    amax = blocks.abs().amax(dim=(1, 3))
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q = (blocks / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return Fp8Weight(q.view(pr, pc)[:rows, :cols].contiguous(), scale.contiguous())

@@ -1,0 +1,73 @@
+"""Build the model from a validated checkpoint: every parameter filled exactly once, from mapped memory."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from tqdm import tqdm
+
+from .checkpoint import Checkpoint
+from .config import ModelConfig
+from .fp8 import Fp8Weight
+from .model import MLP, Attention, Block, LoopExperts, MoE, Router, RoutedExperts, Transformer
+from .schema import validate
+
+ExpertsFactory = Callable[[int, list[MLP]], RoutedExperts]
+
+
+def default_experts(layer: int, experts: list[MLP]) -> RoutedExperts:
+    return LoopExperts(experts)
+
+
+class _Taker:
+    """Hands out checkpoint tensors and remembers which were used, so nothing is silently left behind."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt, self.used = ckpt, set()
+
+    def __call__(self, name: str):
+        if name in self.used:
+            raise AssertionError(f"tensor '{name}' assigned twice")
+        self.used.add(name)
+        return self.ckpt.get(name)
+
+    def fp8(self, module: str) -> Fp8Weight:
+        return Fp8Weight(self(f"{module}.weight"), self(f"{module}.weight_scale_inv"))
+
+    def mlp(self, prefix: str) -> MLP:
+        return MLP(self.fp8(f"{prefix}.gate_proj"), self.fp8(f"{prefix}.up_proj"), self.fp8(f"{prefix}.down_proj"))
+
+
+def load_transformer(ckpt: Checkpoint, cfg: ModelConfig, experts: ExpertsFactory = default_experts,
+                     progress: bool = True) -> Transformer:  # fmt: skip
+    specs = validate(ckpt, cfg)
+    take = _Taker(ckpt)
+    blocks = []
+    for i in tqdm(range(cfg.num_hidden_layers), desc="loading layers", disable=not progress, unit="layer"):
+        p = f"model.layers.{i}"
+        a = f"{p}.self_attn"
+        q_lora = bool(cfg.q_lora_rank)
+        attn = Attention(
+            cfg, i,
+            q_a=take.fp8(f"{a}.q_a_proj") if q_lora else None,
+            q_a_norm=take(f"{a}.q_a_layernorm.weight") if q_lora else None,
+            q_b=take.fp8(f"{a}.q_b_proj" if q_lora else f"{a}.q_proj"),
+            kv_a=take.fp8(f"{a}.kv_a_proj_with_mqa"), kv_a_norm=take(f"{a}.kv_a_layernorm.weight"),
+            kv_b=take.fp8(f"{a}.kv_b_proj"), o=take.fp8(f"{a}.o_proj"),
+        )  # fmt: skip
+        if cfg.is_moe_layer(i):
+            router = Router(cfg, take(f"{p}.mlp.gate.weight"), take(f"{p}.mlp.gate.e_score_correction_bias"))
+            routed = [take.mlp(f"{p}.mlp.experts.{e}") for e in range(cfg.n_routed_experts)]
+            shared = take.mlp(f"{p}.mlp.shared_experts") if cfg.n_shared_experts else None
+            ffn = MoE(router, experts(i, routed), shared)
+        else:
+            ffn = take.mlp(f"{p}.mlp")
+        blocks.append(Block(take(f"{p}.input_layernorm.weight"), attn, take(f"{p}.post_attention_layernorm.weight"),
+                            ffn, cfg.rms_norm_eps))  # fmt: skip
+    embed = take("model.embed_tokens.weight")
+    lm_head = embed if cfg.tie_word_embeddings else take("lm_head.weight")
+    model = Transformer(cfg, embed, blocks, take("model.norm.weight"), lm_head)
+    missed = specs.keys() - take.used
+    if missed:
+        raise AssertionError(f"loader left {len(missed)} expected tensors unused, e.g. {sorted(missed)[:3]}")
+    return model

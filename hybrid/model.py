@@ -1,0 +1,228 @@
+"""DeepSeek-V3 / Kimi-K2 forward math in plain torch (fp32 compute). No I/O, threads or device policy here.
+
+Shapes: T tokens of one sequence, H hidden, nh heads, dn/dr/dv the nope/rope/value head dims, C kv_lora_rank.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .fp8 import Fp8Weight
+
+
+def linear(x: torch.Tensor, w: Fp8Weight | torch.Tensor) -> torch.Tensor:
+    """y = x W^T in fp32; fp8 weights are dequantized on the fly (the one place a linear's path is chosen)."""
+    weight = w.dequantize() if isinstance(w, Fp8Weight) else w.float()
+    return F.linear(x, weight)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x = x.float()
+    return weight.float() * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies of the rope dims and the cos/sin multiplier (YaRN as transformers computes it)."""
+    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    rs = cfg.rope_scaling
+    if rs is None:
+        return 1.0 / pos_freqs, 1.0
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if rs.attention_factor is not None:
+        attention_factor = rs.attention_factor
+    elif rs.mscale and rs.mscale_all_dim:
+        attention_factor = mscale(rs.factor, rs.mscale) / mscale(rs.factor, rs.mscale_all_dim)
+    else:
+        attention_factor = mscale(rs.factor)
+
+    def correction_dim(rotations: float) -> float:
+        orig = rs.original_max_position_embeddings
+        return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(rs.beta_fast), correction_dim(rs.beta_slow)
+    if rs.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # a hard switch between kept and scaled frequencies
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp
+    inv_freq = (1.0 / (rs.factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
+    return inv_freq, attention_factor
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x0, x1), (x2, x3)...; cos/sin are [T, dr/2] and broadcast over heads.
+
+    The result is laid out [rotated evens | rotated odds] as transformers does; dot products are unchanged.
+    """
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class KVCache:
+    """MLA latent cache: per layer and token the normalised latent c (C) and the rotated shared key (dr)."""
+
+    def __init__(self, cfg: ModelConfig, capacity: int, dtype: torch.dtype = torch.float32, device="cpu"):
+        shape = (cfg.num_hidden_layers, capacity)
+        self.c = torch.zeros(*shape, cfg.kv_lora_rank, dtype=dtype, device=device)
+        self.pe = torch.zeros(*shape, cfg.qk_rope_head_dim, dtype=dtype, device=device)
+        self.capacity = capacity
+
+
+@dataclass
+class Attention:
+    cfg: ModelConfig
+    layer: int
+    q_a: Fp8Weight | None
+    q_a_norm: torch.Tensor | None
+    q_b: Fp8Weight  # q_b_proj, or q_proj when q_lora_rank is None
+    kv_a: Fp8Weight
+    kv_a_norm: torch.Tensor
+    kv_b: Fp8Weight
+    o: Fp8Weight
+
+    def __call__(self, x, start: int, cache: KVCache, cos, sin) -> torch.Tensor:
+        cfg, T = self.cfg, x.shape[0]
+        nh, dn, dr, dv, C = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
+                             cfg.v_head_dim, cfg.kv_lora_rank)  # fmt: skip
+        q_in = x if self.q_a is None else rms_norm(linear(x, self.q_a), self.q_a_norm, cfg.rms_norm_eps)
+        q = linear(q_in, self.q_b).view(T, nh, dn + dr)
+        q_nope, q_pe = q[..., :dn], apply_rope(q[..., dn:], cos[:, None], sin[:, None])
+        kv = linear(x, self.kv_a)
+        end = start + T
+        cache.c[self.layer, start:end] = rms_norm(kv[:, :C], self.kv_a_norm, cfg.rms_norm_eps)
+        cache.pe[self.layer, start:end] = apply_rope(kv[:, C:], cos, sin)
+        c, pe = cache.c[self.layer, :end].float(), cache.pe[self.layer, :end].float()
+
+        w_kvb = self.kv_b.dequantize().view(nh, dn + dv, C)
+        if T == 1:  # absorbed decode: never expand the cache into per-head keys and values
+            q_abs = torch.einsum("thd,hdc->thc", q_nope, w_kvb[:, :dn])
+            scores = torch.einsum("thc,sc->hts", q_abs, c) + torch.einsum("thr,sr->hts", q_pe, pe)
+        else:  # prefill: expand the latents once per chunk
+            kvb = F.linear(c, w_kvb.view(-1, C)).view(end, nh, dn + dv)
+            k_nope, v = kvb[..., :dn], kvb[..., dn:]
+            scores = torch.einsum("thd,shd->hts", q_nope, k_nope) + torch.einsum("thr,sr->hts", q_pe, pe)
+        scores = scores * cfg.softmax_scale
+        if T > 1:
+            causal = torch.arange(end)[None, :] > torch.arange(start, end)[:, None]
+            scores = scores.masked_fill(causal, float("-inf"))
+        p = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        if T == 1:
+            out = torch.einsum("thc,hdc->thd", torch.einsum("hts,sc->thc", p, c), w_kvb[:, dn:])
+        else:
+            out = torch.einsum("hts,shd->thd", p, v)
+        return linear(out.reshape(T, nh * dv), self.o)
+
+
+@dataclass
+class MLP:
+    """SwiGLU: down(silu(gate x) * up x). Dense layers and the shared expert."""
+
+    gate: Fp8Weight
+    up: Fp8Weight
+    down: Fp8Weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(F.silu(linear(x, self.gate)) * linear(x, self.up), self.down)
+
+
+@dataclass
+class Router:
+    cfg: ModelConfig
+    weight: torch.Tensor  # [E, H]
+    bias: torch.Tensor  # e_score_correction_bias [E], used for selection only
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """noaux_tc routing: (expert ids [T, k], weights [T, k])."""
+        cfg = self.cfg
+        scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))
+        choice = scores + self.bias.float()
+        if cfg.n_group > 1:
+            per_group = choice.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group)
+            group_scores = per_group.topk(min(2, per_group.shape[-1]), dim=-1).values.sum(-1)
+            keep = torch.zeros_like(group_scores, dtype=torch.bool)
+            keep.scatter_(1, group_scores.topk(cfg.topk_group, dim=-1).indices, True)
+            choice = choice.masked_fill(~keep.repeat_interleave(per_group.shape[-1], dim=1), float("-inf"))
+        idx = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
+        w = scores.gather(1, idx)
+        if cfg.norm_topk_prob:
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        return idx, w * cfg.routed_scaling_factor
+
+
+class RoutedExperts(Protocol):
+    """Backend for the routed experts of one layer: sum_k w[t, k] * expert_{idx[t, k]}(x[t])."""
+
+    def __call__(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class LoopExperts:
+    """Reference backend: a plain per-expert loop, each expert dequantized when used."""
+
+    experts: list[MLP]
+
+    def __call__(self, x, idx, w):
+        out = torch.zeros_like(x)
+        for e in torch.unique(idx).tolist():
+            rows, slot = torch.where(idx == e)
+            out.index_add_(0, rows, self.experts[e](x[rows]) * w[rows, slot, None])
+        return out
+
+
+@dataclass
+class MoE:
+    router: Router
+    experts: RoutedExperts
+    shared: MLP | None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        idx, w = self.router(x)
+        y = self.experts(x, idx, w)
+        return y if self.shared is None else y + self.shared(x)
+
+
+@dataclass
+class Block:
+    attn_norm: torch.Tensor
+    attn: Attention
+    ffn_norm: torch.Tensor
+    ffn: MLP | MoE
+    eps: float
+
+    def __call__(self, x, start, cache, cos, sin):
+        h = x + self.attn(rms_norm(x, self.attn_norm, self.eps), start, cache, cos, sin)
+        return h + self.ffn(rms_norm(h, self.ffn_norm, self.eps))
+
+
+class Transformer:
+    def __init__(self, cfg: ModelConfig, embed: torch.Tensor, blocks: list[Block], norm: torch.Tensor,
+                 lm_head: torch.Tensor):  # fmt: skip
+        self.cfg, self.embed, self.blocks, self.norm, self.lm_head = cfg, embed, blocks, norm, lm_head
+        self.inv_freq, self.rope_mult = rope_frequencies(cfg)
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, start: int, cache: KVCache, last_only: bool = False) -> torch.Tensor:
+        """Logits [T, vocab] (or [1, vocab]) for tokens ids [T] at positions start.. start+T-1."""
+        T = ids.shape[0]
+        if start + T > cache.capacity:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the KV cache capacity {cache.capacity}")
+        angles = torch.arange(start, start + T, dtype=torch.float32)[:, None] * self.inv_freq
+        cos, sin = angles.cos() * self.rope_mult, angles.sin() * self.rope_mult
+        x = self.embed[ids].float()
+        for block in self.blocks:
+            x = block(x, start, cache, cos, sin)
+        if last_only:
+            x = x[-1:]
+        return linear(rms_norm(x, self.norm, self.cfg.rms_norm_eps), self.lm_head)

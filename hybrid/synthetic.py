@@ -1,0 +1,105 @@
+"""Write synthetic checkpoints in exactly Kimi-K2's published layout (names, dtypes, shards, index, tokenizer).
+
+Weights are random but well-conditioned (unit-scale activations, spread router scores), deterministic per
+(seed, tensor name), and generated tensor by tensor so even K2-width layers never need the whole model in RAM.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import zlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from .bpe import write_tokenizer
+from .checkpoint import DTYPES
+from .config import ModelConfig
+from .fp8 import FP8_MAX
+from .schema import Spec, expected_tensors
+
+CODE_TABLE_SIZE = 1 << 16
+CODE_STD = FP8_MAX / 4  # fp8 codes drawn from N(0, CODE_STD), clamped at +-448 (4 sigma)
+
+
+def _generator(seed: int, name: str) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+
+
+def _normal_codes(seed: int) -> torch.Tensor:
+    g = _generator(seed, "fp8-code-table")
+    return (torch.randn(CODE_TABLE_SIZE, generator=g) * CODE_STD).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+
+
+def make_tensor(name: str, spec: Spec, specs: dict[str, Spec], cfg: ModelConfig, seed: int,
+                codes: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """The synthetic value of one checkpoint tensor."""
+    g = _generator(seed, name)
+    dtype = DTYPES[spec.dtypes[0]]
+    h = cfg.hidden_size
+    if spec.fp8:  # fp8 codes from a normal table: fast enough for K2-width layers
+        idx = torch.randint(0, CODE_TABLE_SIZE, spec.shape, generator=g)
+        return codes[idx].view(torch.float8_e4m3fn)
+    if name.endswith("weight_scale_inv"):  # weight std 1/sqrt(fan_in), with per-block jitter
+        fan_in = specs[name[: -len("_scale_inv")]].shape[1]
+        jitter = torch.exp(0.25 * torch.randn(spec.shape, generator=g))
+        return (jitter / (math.sqrt(fan_in) * CODE_STD)).to(dtype)
+    if name.endswith("norm.weight"):
+        return (1.0 + 0.1 * torch.randn(spec.shape, generator=g)).to(dtype)
+    if name.endswith("e_score_correction_bias"):
+        return (0.02 * torch.randn(spec.shape, generator=g)).to(dtype)
+    if name == "model.embed_tokens.weight":
+        return torch.randn(spec.shape, generator=g).to(dtype)
+    if name == "lm_head.weight" or name.endswith("mlp.gate.weight"):
+        return (2.0 * torch.randn(spec.shape, generator=g) / math.sqrt(h)).to(dtype)
+    raise KeyError(f"no synthetic rule for tensor '{name}'")
+
+
+def _layer_key(name: str) -> tuple[int, str]:
+    m = re.match(r"model\.layers\.(\d+)\.", name)
+    if m:
+        return int(m.group(1)), name
+    return (-1 if "embed_tokens" in name else 1 << 30), name
+
+
+def write_checkpoint(out: str | Path, config: dict, seed: int = 0, shard_bytes: int = 4 << 30,
+                     progress: bool = True) -> Path:  # fmt: skip
+    """Write config.json, sharded safetensors + index, and tokenizer files; returns the directory."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = ModelConfig.from_dict(config)
+    specs = expected_tensors(cfg)
+    names = sorted(specs, key=_layer_key)
+
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name in names:  # plan shards up front: K2 names them model-000NN-of-000MM
+        nbytes = math.prod(specs[name].shape) * torch.empty((), dtype=DTYPES[specs[name].dtypes[0]]).element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    n = len(shards)
+    codes = _normal_codes(seed)
+    weight_map, total = {}, 0
+    bar = tqdm(total=len(names), desc=f"writing {out.name}", unit="tensor", disable=not progress)
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{n:06d}.safetensors"
+        tensors = {}
+        for name in shard:
+            tensors[name] = make_tensor(name, specs[name], specs, cfg, seed, codes)
+            total += tensors[name].numel() * tensors[name].element_size()
+            weight_map[name] = fname
+            bar.update()
+        save_file(tensors, str(out / fname), metadata={"format": "pt"})
+    bar.close()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_tokenizer(out, cfg.vocab_size - 256)
+    return out

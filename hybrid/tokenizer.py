@@ -1,0 +1,92 @@
+"""Kimi-K2 tokenizer: tiktoken BPE over the checkpoint's `tiktoken.model`, K2's split pattern, 256 specials."""
+
+from __future__ import annotations
+
+import base64
+import codecs
+import json
+from pathlib import Path
+
+import tiktoken
+
+NUM_RESERVED_SPECIAL = 256
+# K2's pre-tokenizer (tokenization_kimi.py): Han runs first, then a GPT-4o-like split. `&&` is class intersection.
+PAT_STR = "|".join([
+    r"""[\p{Han}]+""",
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""\p{N}{1,3}""",
+    r""" ?[^\s\p{L}\p{N}]+[\r\n]*""",
+    r"""\s*[\r\n]+""",
+    r"""\s+(?!\S)""",
+    r"""\s+""",
+])  # fmt: skip
+
+# Offsets from the first special id (163584 in K2) to K2's named special tokens (tokenizer_config.json).
+NAMED_SPECIALS = {
+    0: ("[BOS]", True), 1: ("[EOS]", True), 2: ("<|im_end|>", True), 3: ("<|im_user|>", True),
+    4: ("<|im_assistant|>", True), 6: ("<|start_header_id|>", True), 7: ("<|end_header_id|>", True),
+    9: ("[EOT]", True), 10: ("<|im_system|>", True), 11: ("<|tool_calls_section_begin|>", False),
+    12: ("<|tool_calls_section_end|>", False), 13: ("<|tool_call_begin|>", False),
+    14: ("<|tool_call_argument_begin|>", False), 15: ("<|tool_call_end|>", False), 17: ("<|im_middle|>", True),
+    254: ("[UNK]", True), 255: ("[PAD]", True),
+}  # fmt: skip
+
+
+def load_ranks(path: Path) -> dict[bytes, int]:
+    """`<base64 token> <rank>` per line. Read directly: tiktoken's loader caches by path and would serve stale ranks."""
+    ranks = {}
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line:
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError:
+            raise ValueError(f"{path}:{lineno}: expected '<base64 token> <rank>'") from None
+    return ranks
+
+
+class Tokenizer:
+    def __init__(self, directory: str | Path):
+        directory = Path(directory)
+        ranks = load_ranks(directory / "tiktoken.model")
+        self.num_base = len(ranks)
+        names = {}
+        config_path = directory / "tokenizer_config.json"
+        if config_path.exists():
+            decoder = json.loads(config_path.read_text()).get("added_tokens_decoder", {})
+            names = {int(i): entry["content"] for i, entry in decoder.items()}
+        self.special = {
+            names.get(i, f"<|reserved_token_{i}|>"): i for i in range(self.num_base, self.num_base + NUM_RESERVED_SPECIAL)
+        }
+        self.model = tiktoken.Encoding(name=directory.name, pat_str=PAT_STR, mergeable_ranks=ranks,
+                                       special_tokens=self.special)  # fmt: skip
+        self.bos_id, self.eos_id = self.special.get("[BOS]"), self.special.get("[EOS]")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.num_base + NUM_RESERVED_SPECIAL
+
+    def encode(self, text: str, allow_special: bool = True) -> list[int]:
+        """Special-token strings in the text become specials unless allow_special is False (as K2's tokenizer)."""
+        if allow_special:
+            return self.model.encode(text, allowed_special="all")
+        return self.model.encode(text, disallowed_special=())
+
+    def decode(self, ids: list[int]) -> str:
+        return self.model.decode(ids)
+
+
+class StreamDecoder:
+    """Token-by-token text for streaming: holds back bytes of a character split across tokens."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.model = tokenizer.model
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def __call__(self, token: int) -> str:
+        return self.utf8.decode(self.model.decode_single_token_bytes(token))
+
+    def flush(self) -> str:
+        return self.utf8.decode(b"", final=True)
