@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import mmap
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,9 +151,3 @@ class Checkpoint:
             return torch.empty(info.shape, dtype=dtype)
         flat = torch.frombuffer(mapped, dtype=torch.uint8, count=info.nbytes, offset=info.start)
         return flat.view(dtype).view(info.shape)
-
-    def advise(self, advice: int = getattr(os, "POSIX_FADV_WILLNEED", 3)) -> None:
-        """Hint the page cache about every shard (used by loaders and benchmarks)."""
-        for path in self.files():
-            with open(path, "rb") as f:
-                os.posix_fadvise(f.fileno(), 0, 0, advice)
