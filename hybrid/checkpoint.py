@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,3 +152,20 @@ class Checkpoint:
             return torch.empty(info.shape, dtype=dtype)
         flat = torch.frombuffer(mapped, dtype=torch.uint8, count=info.nbytes, offset=info.start)
         return flat.view(dtype).view(info.shape)
+
+    def release(self, name: str) -> None:
+        """Drop the file pages behind a tensor that was copied elsewhere, so RAM never holds it twice."""
+        info = self.tensors[name]
+        page = mmap.PAGESIZE
+        start = -(-info.start // page) * page  # whole pages inside the tensor only: neighbours stay mapped
+        end = (info.start + info.nbytes) // page * page
+        if end <= start:
+            return
+        mapped = self._maps.get(info.file)
+        if mapped is not None:
+            mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
+        fd = os.open(info.file, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)

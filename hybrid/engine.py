@@ -9,7 +9,7 @@ import torch
 
 from .checkpoint import Checkpoint
 from .config import ModelConfig
-from .loader import load_transformer
+from .loader import load_transformer, reference_experts
 from .model import KVCache, Transformer
 
 
@@ -31,13 +31,31 @@ class Engine:
         self.cfg, self.model, self.path = cfg, model, path
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str = "cpu", progress: bool = True) -> "Engine":
-        """Open a checkpoint directory (config.json + safetensors) after validating every tensor against the config."""
+    def from_pretrained(cls, path: str | Path, device: str = "cpu", progress: bool = True,
+                        experts: str = "cpu") -> "Engine":  # fmt: skip
+        """Open a checkpoint directory (config.json + safetensors) after validating every tensor against the config.
+
+        experts: "cpu" (the Numba fp8 kernels) or "reference" (a plain per-expert torch loop, for debugging).
+        """
         if device != "cpu":
             raise ValueError(f"device {device!r} is not supported yet; use device='cpu'")
+        if experts not in ("cpu", "reference"):
+            raise ValueError(f"experts must be 'cpu' or 'reference', got {experts!r}")
         path = Path(path)
         cfg = ModelConfig.from_file(path)
-        model = load_transformer(Checkpoint(path), cfg, progress=progress)
+        ckpt = Checkpoint(path)
+        factory = reference_experts
+        if experts == "cpu":
+            import cpu_kernels
+
+            from .cpu_experts import CpuExperts, stack_experts
+
+            cpu_kernels.warmup()  # compiled once, then loaded from Numba's disk cache: no JIT wait later
+
+            def factory(layer, routed, names):
+                return CpuExperts(stack_experts(routed, ckpt, names))
+
+        model = load_transformer(ckpt, cfg, experts=factory, progress=progress)
         return cls(cfg, model, path)
 
     def _check_ids(self, ids: list[int]) -> torch.Tensor:

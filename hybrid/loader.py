@@ -12,10 +12,11 @@ from .fp8 import Fp8Weight
 from .model import MLP, Attention, Block, LoopExperts, MoE, Router, RoutedExperts, Transformer
 from .schema import validate
 
-ExpertsFactory = Callable[[int, list[MLP]], RoutedExperts]
+# (layer, its routed experts, the checkpoint names of their tensors) -> the backend that computes them
+ExpertsFactory = Callable[[int, list[MLP], list[str]], RoutedExperts]
 
 
-def default_experts(layer: int, experts: list[MLP]) -> RoutedExperts:
+def reference_experts(layer: int, experts: list[MLP], names: list[str]) -> RoutedExperts:
     return LoopExperts(experts)
 
 
@@ -38,7 +39,12 @@ class _Taker:
         return MLP(self.fp8(f"{prefix}.gate_proj"), self.fp8(f"{prefix}.up_proj"), self.fp8(f"{prefix}.down_proj"))
 
 
-def load_transformer(ckpt: Checkpoint, cfg: ModelConfig, experts: ExpertsFactory = default_experts,
+def _names(module: str) -> set[str]:
+    return {f"{module}.{proj}.{kind}" for proj in ("gate_proj", "up_proj", "down_proj")
+            for kind in ("weight", "weight_scale_inv")}  # fmt: skip
+
+
+def load_transformer(ckpt: Checkpoint, cfg: ModelConfig, experts: ExpertsFactory = reference_experts,
                      progress: bool = True) -> Transformer:  # fmt: skip
     specs = validate(ckpt, cfg)
     take = _Taker(ckpt)
@@ -57,9 +63,11 @@ def load_transformer(ckpt: Checkpoint, cfg: ModelConfig, experts: ExpertsFactory
         )  # fmt: skip
         if cfg.is_moe_layer(i):
             router = Router(cfg, take(f"{p}.mlp.gate.weight"), take(f"{p}.mlp.gate.e_score_correction_bias"))
+            before = set(take.used)
             routed = [take.mlp(f"{p}.mlp.experts.{e}") for e in range(cfg.n_routed_experts)]
             shared = take.mlp(f"{p}.mlp.shared_experts") if cfg.n_shared_experts else None
-            ffn = MoE(router, experts(i, routed), shared)
+            ffn = MoE(router, experts(i, routed, sorted(take.used - before - _names(f"{p}.mlp.shared_experts"))),
+                      shared)  # fmt: skip
         else:
             ffn = take.mlp(f"{p}.mlp")
         blocks.append(Block(take(f"{p}.input_layernorm.weight"), attn, take(f"{p}.post_attention_layernorm.weight"),

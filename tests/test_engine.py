@@ -104,3 +104,25 @@ def test_make_checkpoint_script(tmp_path):
     assert written["num_hidden_layers"] == 2 and written["hidden_size"] == cfg["hidden_size"]
     logits = Engine.from_pretrained(tmp_path / "c", progress=False).logits([1, 2, 3])
     assert logits.shape == (3, cfg["vocab_size"]) and torch.isfinite(logits).all()
+
+
+def test_engine_uses_the_cpu_kernels_and_matches_the_reference_loop(tiny):
+    from hybrid.cpu_experts import CpuExperts
+
+    fast = Engine.from_pretrained(tiny, progress=False)
+    slow = Engine.from_pretrained(tiny, progress=False, experts="reference")
+    assert isinstance(fast.model.blocks[1].ffn.experts, CpuExperts)
+    ids = list(range(3, 40))
+    a, b = fast.logits(ids), slow.logits(ids)
+    assert float((a - b).abs().max() / b.abs().max()) <= 1e-5
+
+
+def test_released_expert_pages_still_read_back_correctly(tiny):
+    """After the copy into the expert stack the file pages are dropped; the mapping must still read the file."""
+    from hybrid.checkpoint import Checkpoint
+
+    ck = Checkpoint(tiny)
+    name = "model.layers.1.mlp.experts.0.gate_proj.weight"
+    before = ck.get(name).view(torch.uint8).clone()
+    ck.release(name)
+    assert torch.equal(ck.get(name).view(torch.uint8), before)

@@ -1,0 +1,187 @@
+"""CPU routed-expert kernels at Kimi-K2 shapes against the machine's read bandwidth and torch's bf16 matmul.
+
+    python bench/cpu_experts.py            # full: 384 experts (~17 GB fp8 + ~34 GB bf16), for big boxes
+    python bench/cpu_experts.py --quick    # 48 experts (2.1 GB fp8), under 40 s on a 2-core box
+
+Validates both kernels against the float64 reference first, then measures, in one run: STREAM-like read
+bandwidth; the decode kernel (1 token x top-8, cycling over all experts, >= 2 GB, so caches cannot help);
+the prefill kernel at 16/128/512 tokens routed over 384 experts; torch's matmul on the same weights
+dequantized to bf16. Prints a table, appends JSON lines to bench/results/cpu_experts.jsonl, and prints a JSON
+summary as its last line. With fewer physical experts than 384, prefill routes over 384 virtual experts in
+rounds (virtual v uses physical v mod E), so each expert sees K2's token counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cpu_kernels import ExpertStack, reference_moe, routed_moe, warmup  # noqa: E402
+from cpu_kernels.moe import dequantize_np  # noqa: E402
+from cpu_kernels.stream import read_bandwidth  # noqa: E402
+import numba  # noqa: E402
+
+H, I, TOPK, VIRTUAL_EXPERTS = 7168, 2048, 8, 384
+BASES = 4  # distinct weight contents, copied into every expert slot (values repeat, addresses do not)
+
+
+def machine() -> dict:
+    model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    return {"cpu": model, "threads": numba.get_num_threads(), "host": platform.node(),
+            "torch": torch.__version__, "numba": numba.__version__}  # fmt: skip
+
+
+def build(n_experts: int, rng) -> tuple[ExpertStack, list]:
+    """K2-shaped experts: fp8 codes of normal weights (subnormals included) with jittered block scales."""
+    table = (rng.standard_normal(1 << 16) * 112).clip(-448, 448)
+    table = torch.from_numpy(table.astype(np.float32)).to(torch.float8_e4m3fn).view(torch.uint8).numpy().view(np.int8)
+    shapes = {"gate": (I, H), "up": (I, H), "down": (H, I)}
+    bases = [{n: (table[rng.integers(0, 1 << 16, size=s, dtype=np.uint16)],
+                  (np.exp(0.25 * rng.standard_normal((-(-s[0] // 128), -(-s[1] // 128)))) / (112 * np.sqrt(s[1])))
+                  .astype(np.float32)) for n, s in shapes.items()} for _ in range(BASES)]  # fmt: skip
+    arrays = {}
+    for n, (rows, cols) in shapes.items():
+        q = np.empty((n_experts, rows, cols), np.int8)
+        s = np.empty((n_experts, -(-rows // 128), -(-cols // 128)), np.float32)
+        for e in range(n_experts):
+            q[e], s[e] = bases[e % BASES][n]
+        arrays[n], arrays[n + "_s"] = q, s
+    return ExpertStack(**arrays), bases
+
+
+def torch_weights(bases, n_experts: int) -> list[dict]:
+    """The same weights dequantized to bf16, one private copy per expert slot."""
+    deq = [{n: torch.from_numpy(dequantize_np(q, s).astype(np.float32)).to(torch.bfloat16) for n, (q, s) in b.items()}
+           for b in bases]  # fmt: skip
+    return [{n: w.clone() for n, w in deq[e % BASES].items()} for e in range(n_experts)]
+
+
+def validate(stack: ExpertStack, rng) -> float:
+    worst = 0.0
+    for T, k in ((1, 3), (9, 2)):  # decode kernel, then grouped GEMM
+        x = rng.standard_normal((T, H)).astype(np.float32)
+        ids = np.stack([rng.choice(min(4, stack.num_experts), k, replace=False) for _ in range(T)]).astype(np.int64)
+        w = rng.random((T, k)).astype(np.float32)
+        out = np.full((T, H), np.nan, np.float32)
+        routed_moe(x, ids, w, stack, out)
+        ref = reference_moe(x, ids, w, stack)
+        worst = max(worst, float(np.abs(out - ref).max() / np.abs(ref).max()))
+    if not worst <= 1e-5:
+        raise SystemExit(f"validation failed: max relative error {worst:.2e}")
+    return worst
+
+
+def bench_decode(stack: ExpertStack, calls: int, rng) -> tuple[float, float]:
+    """GB/s of fp8 + scale bytes streamed per call (median), cycling through every expert in turn."""
+    x = rng.standard_normal((1, H)).astype(np.float32)
+    w = rng.random((1, TOPK)).astype(np.float32)
+    out = np.empty((1, H), np.float32)
+    E = stack.num_experts
+    order = rng.permutation(E)
+    times = []
+    for c in range(calls):
+        ids = order[(np.arange(TOPK) + c * TOPK) % E][None].astype(np.int64)
+        t0 = time.perf_counter()
+        routed_moe(x, ids, w, stack, out)
+        times.append(time.perf_counter() - t0)
+    nbytes = TOPK * stack.expert_bytes()
+    return nbytes / statistics.median(times) / 1e9, nbytes / min(times) / 1e9
+
+
+def rounds(T: int, E: int, rng):
+    """Route T tokens top-8 over 384 virtual experts; yield per-round (token rows, physical ids, weights)."""
+    virt = np.stack([rng.choice(VIRTUAL_EXPERTS, TOPK, replace=False) for _ in range(T)])
+    tok = np.repeat(np.arange(T), TOPK)
+    v = virt.reshape(-1)
+    for r in range(-(-VIRTUAL_EXPERTS // E)):
+        sel = (v >= r * E) & (v < (r + 1) * E)
+        yield tok[sel], (v[sel] - r * E).astype(np.int64)
+
+
+def bench_prefill(stack: ExpertStack, tw: list, T: int, rng) -> tuple[float, float, float]:
+    """(our GFLOP/s, torch bf16 GFLOP/s, seconds) for T tokens; assignments flattened to one expert per row."""
+    x = rng.standard_normal((T, H)).astype(np.float32)
+    ours = theirs = 0.0
+    flops = 0
+    for tok, ids in rounds(T, stack.num_experts, rng):
+        xs = np.ascontiguousarray(x[tok])
+        w = np.ones((len(tok), 1), np.float32)
+        out = np.empty_like(xs)
+        t0 = time.perf_counter()
+        routed_moe(xs, ids[:, None], w, stack, out)
+        ours += time.perf_counter() - t0
+        xb = torch.from_numpy(xs).to(torch.bfloat16)
+        t0 = time.perf_counter()
+        for e in np.unique(ids):
+            rows = torch.from_numpy(np.nonzero(ids == e)[0])
+            xe, we = xb[rows], tw[e]
+            h = torch.nn.functional.silu(xe @ we["gate"].T) * (xe @ we["up"].T)
+            h @ we["down"].T
+        theirs += time.perf_counter() - t0
+        flops += 6 * H * I * len(tok)
+    return flops / ours / 1e9, flops / theirs / 1e9, ours
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="48 experts, fewer repeats (2-core box, < 40 s)")
+    p.add_argument("--experts", type=int, help="physical experts (default 384, or 48 with --quick)")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cpu_experts.jsonl")
+    args = p.parse_args()
+    t_start = time.perf_counter()
+    n_experts = args.experts or (48 if args.quick else VIRTUAL_EXPERTS)
+    rng = np.random.default_rng(0)
+    warmup()
+    stack, bases = build(n_experts, rng)
+    err = validate(stack, rng)
+    tw = torch_weights(bases, n_experts)
+    stream_buf = np.ones(max(2 << 30, 0), np.uint8)
+    info = machine()
+    rows = []
+    stream_before = read_bandwidth(stream_buf)
+    dec_med, dec_best = bench_decode(stack, calls=(48 if args.quick else 192), rng=rng)
+    stream_after = read_bandwidth(stream_buf)
+    stream = max(stream_before, stream_after)
+    rows.append({"case": "stream_read", "gbs": round(stream, 2), "bytes": stream_buf.nbytes})
+    rows.append({"case": "decode_1x8", "gbs": round(dec_med, 2), "gbs_best": round(dec_best, 2),
+                 "ratio": round(dec_med / stream, 3), "expert_bytes": stack.expert_bytes(),
+                 "cycle_bytes": stack.nbytes})  # fmt: skip
+    for T in (16, 128, 512):
+        ours, theirs, secs = bench_prefill(stack, tw, T, rng)
+        rows.append({"case": f"prefill_{T}", "gflops": round(ours, 1), "torch_bf16_gflops": round(theirs, 1),
+                     "ratio_vs_torch": round(ours / theirs, 2), "seconds": round(secs, 3)})  # fmt: skip
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "a") as f:
+        for row in rows:
+            f.write(json.dumps({"time": stamp, "quick": args.quick, "experts": n_experts, **info, **row}) + "\n")
+    print(f"{info['cpu']}, {info['threads']} threads; validation max relative error {err:.1e}")
+    print(f"{'case':<14}{'result':>44}")
+    for r in rows:
+        if "gflops" in r:
+            desc = f"{r['gflops']:8.1f} GFLOP/s  torch bf16 {r['torch_bf16_gflops']:8.1f}  x{r['ratio_vs_torch']:.2f}"
+        elif "ratio" in r:
+            desc = f"{r['gbs']:8.1f} GB/s (best {r['gbs_best']:.1f})  {100 * r['ratio']:5.1f}% of STREAM"
+        else:
+            desc = f"{r['gbs']:8.1f} GB/s"
+        print(f"{r['case']:<14}{desc:>44}")
+    summary = {"stream_gbs": round(stream, 2), "decode_gbs": round(dec_med, 2), "decode_ratio": round(dec_med / stream, 3),
+               **{f"prefill_{T}_vs_torch": r["ratio_vs_torch"] for T, r in zip((16, 128, 512), rows[2:])},
+               "seconds": round(time.perf_counter() - t_start, 1), "machine": info["cpu"], "threads": info["threads"]}
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))
+    main()

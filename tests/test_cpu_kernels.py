@@ -1,0 +1,111 @@
+"""Numba fp8 expert kernels against a float64 reference at Kimi-K2 shapes, edge codes included."""
+
+import numpy as np
+import pytest
+import torch
+
+from cpu_kernels import ExpertStack, reference_moe, routed_moe
+from cpu_kernels.decode import moe_decode
+from cpu_kernels.moe import DECODE_MAX_TOKENS, dequantize_np
+from cpu_kernels.prefill import moe_prefill
+
+TOL = 1e-5  # max |out - ref| / max |ref|
+EDGE_CODES = np.array([0x00, 0x80, 0x01, 0x81, 0x07, 0x87, 0x08, 0x7E, 0xFE, 0x77, 0xF7], np.uint8)  # 0, -0,
+# subnormals (min/max, both signs), min normal, +-448, +-240
+
+
+def make_stack(E: int, hidden: int, inter: int, seed: int) -> ExpertStack:
+    rng = np.random.default_rng(seed)
+
+    def codes(*shape):
+        c = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        c[(c & 0x7F) == 0x7F] = 0x38  # no NaN codes in a checkpoint
+        flat = c.reshape(-1)
+        flat[rng.integers(0, flat.size, size=flat.size // 50)] = rng.choice(EDGE_CODES, size=flat.size // 50)
+        c[:, 0, : len(EDGE_CODES)] = EDGE_CODES  # and a row that starts with every edge code
+        return c.view(np.int8)
+
+    def scales(rows, cols):
+        return (rng.random((E, -(-rows // 128), -(-cols // 128))) * 2e-3 + 1e-5).astype(np.float32)
+
+    return ExpertStack(codes(E, inter, hidden), scales(inter, hidden), codes(E, inter, hidden), scales(inter, hidden),
+                       codes(E, hidden, inter), scales(hidden, inter))  # fmt: skip
+
+
+def route(T: int, E: int, k: int, seed: int):
+    rng = np.random.default_rng(seed)
+    ids = np.stack([rng.choice(E, k, replace=False) for _ in range(T)]).astype(np.int64)
+    return ids, rng.random((T, k)).astype(np.float32) * 2
+
+
+def relative_error(out, ref) -> float:
+    assert np.isfinite(out).all(), "kernel left unwritten (poisoned) outputs"
+    return float(np.abs(out - ref).max() / np.abs(ref).max())
+
+
+@pytest.fixture(scope="module")
+def k2_stack():
+    return make_stack(E=10, hidden=7168, inter=2048, seed=0)
+
+
+@pytest.mark.parametrize("T", [1, 3, 83, 128])
+def test_routed_moe_at_k2_shapes(k2_stack, T):
+    rng = np.random.default_rng(T)
+    k = int(rng.integers(2, 9))
+    ids, w = route(T, k2_stack.num_experts, k, seed=T)
+    x = rng.standard_normal((T, 7168)).astype(np.float32)
+    out = np.full_like(x, np.nan)
+    routed_moe(x, ids, w, k2_stack, out)
+    assert relative_error(out, reference_moe(x, ids, w, k2_stack)) <= TOL
+
+
+@pytest.mark.parametrize("kernel", [moe_decode, moe_prefill])
+@pytest.mark.parametrize("hidden, inter", [(200, 72), (256, 96), (300, 136)])
+def test_both_kernels_on_partial_blocks(kernel, hidden, inter):
+    """Widths that are not multiples of 128 (or of 8 rows) through both kernels, whatever the token count."""
+    stack = make_stack(E=6, hidden=hidden, inter=inter, seed=hidden)
+    for T in (1, 2, 7, 13):
+        ids, w = route(T, 6, 3, seed=T)
+        x = np.random.default_rng(T).standard_normal((T, hidden)).astype(np.float32)
+        out = np.full_like(x, np.nan)
+        kernel(x, ids, w, stack.gate, stack.gate_s, stack.up, stack.up_s, stack.down, stack.down_s, out)
+        assert relative_error(out, reference_moe(x, ids, w, stack)) <= TOL
+
+
+def test_dispatch_boundary_gives_the_same_numbers():
+    stack = make_stack(E=5, hidden=256, inter=128, seed=3)
+    T = DECODE_MAX_TOKENS + 1
+    ids, w = route(T, 5, 2, seed=1)
+    x = np.random.default_rng(2).standard_normal((T, 256)).astype(np.float32)
+    a, b = np.full_like(x, np.nan), np.full_like(x, np.nan)
+    moe_decode(x, ids, w, stack.gate, stack.gate_s, stack.up, stack.up_s, stack.down, stack.down_s, a)
+    routed_moe(x, ids, w, stack, b)  # takes the grouped GEMM
+    assert relative_error(a, b) <= TOL
+
+
+def test_reference_dequantization_matches_torch():
+    stack = make_stack(E=1, hidden=300, inter=136, seed=9)
+    q = torch.from_numpy(stack.gate[0].view(np.uint8).copy()).view(torch.float8_e4m3fn)
+    s = torch.from_numpy(stack.gate_s[0])
+    expected = q.double() * s.double().repeat_interleave(128, 0)[:136].repeat_interleave(128, 1)[:, :300]
+    np.testing.assert_array_equal(dequantize_np(stack.gate[0], stack.gate_s[0]), expected.numpy())
+
+
+def test_input_checks_refuse_bad_arguments():
+    stack = make_stack(E=3, hidden=256, inter=128, seed=4)
+    x = np.zeros((2, 256), np.float32)
+    ids = np.zeros((2, 2), np.int64)
+    w = np.ones((2, 2), np.float32)
+    out = np.empty_like(x)
+    with pytest.raises(ValueError, match="x: expected"):
+        routed_moe(x.astype(np.float64), ids, w, stack, out)
+    with pytest.raises(ValueError, match="x: expected"):
+        routed_moe(np.zeros((2, 512), np.float32)[:, ::2], ids, w, stack, out)
+    with pytest.raises(ValueError, match="ids: expected"):
+        routed_moe(x, ids.astype(np.int32), w, stack, out)
+    with pytest.raises(ValueError, match="out of range"):
+        routed_moe(x, ids + 3, w, stack, out)
+    with pytest.raises(ValueError, match="weights: expected"):
+        routed_moe(x, ids, w[:, :1], stack, out)
+    with pytest.raises(ValueError, match="gate_s: expected"):
+        ExpertStack(stack.gate, stack.gate_s[:, :, :1].copy(), stack.up, stack.up_s, stack.down, stack.down_s)
