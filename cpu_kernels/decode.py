@@ -13,7 +13,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .fp8 import gemv_rows
+from .fp8 import gemv_rows, gemv_rows2
 
 CHUNK = 64  # rows per work item: a multiple of 8 (the row group of gemv_rows)
 
@@ -38,9 +38,9 @@ def moe_decode(x, ids, weights, gate, gate_s, up, up_s, down, down_s, out):
         r0, r1 = c * CHUNK, min(inter, c * CHUNK + CHUNK)
         g = np.empty(CHUNK, np.float32)
         u = np.empty(CHUNK, np.float32)
-        xs = np.empty(H, np.float32)
-        gemv_rows(gate[e], gate_s[e], r0, r1, x[t], g, xs)
-        gemv_rows(up[e], up_s[e], r0, r1, x[t], u, xs)
+        xg = np.empty(H, np.float32)
+        xu = np.empty(H, np.float32)
+        gemv_rows2(gate[e], gate_s[e], up[e], up_s[e], r0, r1, x[t], g, u, xg, xu)
         for i in range(r1 - r0):
             h[p, r0 + i] = _silu(g[i]) * u[i]
     n_out = (H + CHUNK - 1) // CHUNK
