@@ -157,17 +157,17 @@ def gemv_rows2(G, SG, U, SU, r0, r1, x, out_g, out_u, xg, xu):
 
 
 @njit(fastmath=True)
-def dequant_rows(W, S, r0, n, out):
-    """out[i, :] = true fp32 values of row r0 + i of W (rows past the end become zeros)."""
+def dequant_rows(W, S, r0, n, k0, width, out):
+    """out[i, :width] = true fp32 values of W[r0 + i, k0 : k0 + width] (rows past the end become zeros)."""
     N, K = W.shape
     for i in range(n):
         r = r0 + i
         if r >= N:
-            out[i, :] = 0.0
+            out[i, :width] = 0.0
             continue
         w, o = W[r], out[i]
-        for b in range((K + BLOCK - 1) // BLOCK):
-            k0 = b * BLOCK
-            sc = S[r // BLOCK, b] * FP8_UNIT
-            for k in range(np.uint64(k0), np.uint64(min(K, k0 + BLOCK))):
-                o[k] = fp8_to_f32(w[k]) * sc
+        base = np.uint64(k0)  # all-unsigned indices: int64 + uint64 would be float64 in Numba
+        for c in range(0, width, BLOCK):  # k0 is a multiple of BLOCK, so each piece has one scale
+            sc = S[r // BLOCK, (k0 + c) // BLOCK] * FP8_UNIT
+            for k in range(np.uint64(c), np.uint64(min(width, c + BLOCK))):
+                o[k] = fp8_to_f32(w[base + k]) * sc

@@ -22,13 +22,15 @@ def _read_sum(a, nt):
     return parts.sum()
 
 
-def read_bandwidth(buf: np.ndarray, repeats: int = 3) -> float:
-    """Best-of-`repeats` read bandwidth in GB/s over `buf` (use >= 2 GB so caches cannot help)."""
-    words = buf.reshape(-1).view(np.int64)
-    _read_sum(words[:1024], numba.get_num_threads())
+def read_bandwidth(buffers: list[np.ndarray], repeats: int = 3) -> float:
+    """Best-of-`repeats` read bandwidth in GB/s over all `buffers` (use >= 2 GB in all so caches cannot help)."""
+    words = [b.reshape(-1).view(np.int64) for b in buffers]
+    nt = numba.get_num_threads()
+    _read_sum(words[0][:1024], nt)
     best = 0.0
     for _ in range(repeats):
         t0 = time.perf_counter()
-        _read_sum(words, numba.get_num_threads())
-        best = max(best, words.nbytes / (time.perf_counter() - t0) / 1e9)
+        for w in words:
+            _read_sum(w, nt)
+        best = max(best, sum(w.nbytes for w in words) / (time.perf_counter() - t0) / 1e9)
     return best
