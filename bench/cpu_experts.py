@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,8 +39,11 @@ BASES = 4  # distinct weight contents, copied into every expert slot (values rep
 
 def machine() -> dict:
     model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    return {"cpu": model, "threads": numba.get_num_threads(), "host": platform.node(),
-            "torch": torch.__version__, "numba": numba.__version__}  # fmt: skip
+    flags = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
+    return {"cpu": model, "amx": "amx_bf16" in flags, "threads": numba.get_num_threads(), "host": platform.node(),
+            "torch": torch.__version__, "numba": numba.__version__, "commit": commit or None}  # fmt: skip
 
 
 def build(n_experts: int, rng) -> tuple[ExpertStack, list]:
@@ -166,7 +170,8 @@ def main() -> None:
     with open(args.out, "a") as f:
         for row in rows:
             f.write(json.dumps({"time": stamp, "quick": args.quick, "experts": n_experts, **info, **row}) + "\n")
-    print(f"{info['cpu']}, {info['threads']} threads; validation max relative error {err:.1e}")
+    print(f"{info['cpu']} ({'AMX' if info['amx'] else 'no AMX'}), {info['threads']} threads; "
+          f"validation max relative error {err:.1e}")
     print(f"{'case':<14}{'result':>44}")
     for r in rows:
         if "gflops" in r:
