@@ -154,20 +154,3 @@ def gemv_rows2(G, SG, U, SU, r0, r1, x, out_g, out_u, xg, xu):
             out_g[r - r0] = dot1(G[r], xg, 0, K)
             out_u[r - r0] = dot1(U[r], xu, 0, K)
             r += 1
-
-
-@njit(fastmath=True)
-def dequant_rows(W, S, r0, n, k0, width, out):
-    """out[i, :width] = true fp32 values of W[r0 + i, k0 : k0 + width] (rows past the end become zeros)."""
-    N, K = W.shape
-    for i in range(n):
-        r = r0 + i
-        if r >= N:
-            out[i, :width] = 0.0
-            continue
-        w, o = W[r], out[i]
-        base = np.uint64(k0)  # all-unsigned indices: int64 + uint64 would be float64 in Numba
-        for c in range(0, width, BLOCK):  # k0 is a multiple of BLOCK, so each piece has one scale
-            sc = S[r // BLOCK, (k0 + c) // BLOCK] * FP8_UNIT
-            for k in range(np.uint64(c), np.uint64(min(width, c + BLOCK))):
-                o[k] = fp8_to_f32(w[base + k]) * sc
