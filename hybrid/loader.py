@@ -39,9 +39,9 @@ class _Taker:
         return MLP(self.fp8(f"{prefix}.gate_proj"), self.fp8(f"{prefix}.up_proj"), self.fp8(f"{prefix}.down_proj"))
 
 
-def _names(module: str) -> set[str]:
-    return {f"{module}.{proj}.{kind}" for proj in ("gate_proj", "up_proj", "down_proj")
-            for kind in ("weight", "weight_scale_inv")}  # fmt: skip
+def _tensor_names(mlp: str) -> list[str]:
+    return [f"{mlp}.{proj}.{kind}" for proj in ("gate_proj", "up_proj", "down_proj")
+            for kind in ("weight", "weight_scale_inv")]  # fmt: skip
 
 
 def load_transformer(ckpt: Checkpoint, cfg: ModelConfig, experts: ExpertsFactory = reference_experts,
@@ -63,11 +63,10 @@ def load_transformer(ckpt: Checkpoint, cfg: ModelConfig, experts: ExpertsFactory
         )  # fmt: skip
         if cfg.is_moe_layer(i):
             router = Router(cfg, take(f"{p}.mlp.gate.weight"), take(f"{p}.mlp.gate.e_score_correction_bias"))
-            before = set(take.used)
-            routed = [take.mlp(f"{p}.mlp.experts.{e}") for e in range(cfg.n_routed_experts)]
+            modules = [f"{p}.mlp.experts.{e}" for e in range(cfg.n_routed_experts)]
+            routed = [take.mlp(m) for m in modules]
             shared = take.mlp(f"{p}.mlp.shared_experts") if cfg.n_shared_experts else None
-            ffn = MoE(router, experts(i, routed, sorted(take.used - before - _names(f"{p}.mlp.shared_experts"))),
-                      shared)  # fmt: skip
+            ffn = MoE(router, experts(i, routed, [n for m in modules for n in _tensor_names(m)]), shared)
         else:
             ffn = take.mlp(f"{p}.mlp")
         blocks.append(Block(take(f"{p}.input_layernorm.weight"), attn, take(f"{p}.post_attention_layernorm.weight"),
