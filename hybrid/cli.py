@@ -34,6 +34,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from .config import ModelConfig
+    from .placement import PlanError, checkpoint_dtypes, format_plan, parse_bytes, plan
+    from .presets import MODEL_PRESETS
+
+    if args.preset:
+        cfg, dtypes, source = ModelConfig.from_dict(MODEL_PRESETS[args.preset], args.preset), None, args.preset
+    else:
+        cfg, dtypes, source = ModelConfig.from_file(args.model), checkpoint_dtypes(args.model), args.model
+    gbs = args.host_read_gbs
+    if gbs is None:
+        import numpy as np
+
+        from cpu_kernels.stream import read_bandwidth
+
+        gbs = read_bandwidth([np.ones(2 << 30, np.uint8)])
+    try:
+        p = plan(cfg, parse_bytes(args.gpu_mem), parse_bytes(args.host_mem), args.context, gbs, dtypes)
+    except PlanError as e:
+        print(f"hybrid plan: {source}: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(p.to_dict(), indent=2) if args.json else f"plan for {source}\n{format_plan(p)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="hybrid", description="Kimi-K2 on one box: GPU attention, CPU experts.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -45,10 +72,20 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
     g.set_defaults(func=cmd_generate)
+    pl = sub.add_parser("plan", help="where every part of the model goes for given budgets, and how fast it decodes")
+    src = pl.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", choices=["kimi-k2-instruct", "kimi-k2-instruct-0905"])
+    src.add_argument("--model", help="checkpoint directory (reads config.json and safetensors headers only)")
+    pl.add_argument("--gpu-mem", required=True, help="GPU memory budget, e.g. 24GiB")
+    pl.add_argument("--host-mem", required=True, help="host RAM budget, e.g. 1100GiB")
+    pl.add_argument("--context", type=int, default=32768, help="tokens of KV cache to provide (default 32768)")
+    pl.add_argument("--host-read-gbs", type=float, help="host read bandwidth in GB/s (default: measure it, ~2 s)")
+    pl.add_argument("--json", action="store_true", help="machine-readable output")
+    pl.set_defaults(func=cmd_plan)
     args = p.parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"hybrid: error: {e}", file=sys.stderr)
         return 2
 
