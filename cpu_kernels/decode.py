@@ -23,7 +23,7 @@ def _silu(g):
     return g / (np.float32(1.0) + np.float32(math.exp(-g)))
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=True, nogil=True, cache=True)
 def moe_decode(x, ids, weights, gate, gate_s, up, up_s, down, down_s, out):
     """out[t] = sum_k weights[t, k] * down(silu(gate x_t) * up x_t) of expert ids[t, k]; out is overwritten."""
     T, H = x.shape

@@ -93,7 +93,7 @@ def _grouped_rows(W, S, r0, r1, X, x0, n, out, XS):
             r += 1
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=True, nogil=True, cache=True)
 def moe_prefill(x, ids, weights, gate, gate_s, up, up_s, down, down_s, out):
     """Same result as moe_decode, organised for many tokens per expert; out is overwritten."""
     T, H = x.shape
