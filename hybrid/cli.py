@@ -7,6 +7,7 @@ import sys
 import time
 
 from . import ConfigError, CheckpointError
+from .presets import MODEL_PRESETS
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -28,6 +29,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(text(token), end="", flush=True)
     end = time.perf_counter()
     print(text.flush(), end="")
+    first = first or end
     decode_tps = (len(out) - 1) / (end - first) if len(out) > 1 else 0.0
     print(f"\n\n[prompt {len(ids)} tokens, prefill {first - t0:.2f} s; {len(out)} new tokens, "
           f"decode {decode_tps:.1f} tokens/s]", file=sys.stderr)  # fmt: skip
@@ -39,7 +41,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     from .config import ModelConfig
     from .placement import PlanError, checkpoint_dtypes, format_plan, parse_bytes, plan
-    from .presets import MODEL_PRESETS
 
     if args.preset:
         cfg, dtypes, source = ModelConfig.from_dict(MODEL_PRESETS[args.preset], args.preset), None, args.preset
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     g.set_defaults(func=cmd_generate)
     pl = sub.add_parser("plan", help="where every part of the model goes for given budgets, and how fast it decodes")
     src = pl.add_mutually_exclusive_group(required=True)
-    src.add_argument("--preset", choices=["kimi-k2-instruct", "kimi-k2-instruct-0905"])
+    src.add_argument("--preset", choices=sorted(MODEL_PRESETS))
     src.add_argument("--model", help="checkpoint directory (reads config.json and safetensors headers only)")
     pl.add_argument("--gpu-mem", required=True, help="GPU memory budget, e.g. 24GiB")
     pl.add_argument("--host-mem", required=True, help="host RAM budget, e.g. 1100GiB")
