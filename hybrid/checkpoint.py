@@ -32,7 +32,6 @@ DTYPES = {
     "I8": torch.int8,
     "BOOL": torch.bool,
 }
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 class CheckpointError(RuntimeError):
@@ -132,12 +131,6 @@ class Checkpoint:
                 self.tensors[name] = header[name]
             for name in header.keys() - set(names):
                 raise CheckpointError(f"{path}: tensor '{name}' is in this shard but not in {INDEX_NAME}")
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
-
-    def files(self) -> list[Path]:
-        return sorted({t.file for t in self.tensors.values()})
 
     def get(self, name: str) -> torch.Tensor:
         """A zero-copy CPU tensor over the mapped file (copy-on-write: writes never reach the disk)."""

@@ -20,10 +20,6 @@ class Fp8Weight:
     q: torch.Tensor
     scale: torch.Tensor
 
-    @property
-    def shape(self) -> torch.Size:
-        return self.q.shape
-
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.q, self.scale, dtype)
 

@@ -12,7 +12,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig
+from .config import ModelConfig, yarn_mscale
 from .fp8 import Fp8Weight
 
 
@@ -35,15 +35,12 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     if rs is None:
         return 1.0 / pos_freqs, 1.0
 
-    def mscale(scale: float, m: float = 1.0) -> float:
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
     if rs.attention_factor is not None:
         attention_factor = rs.attention_factor
     elif rs.mscale and rs.mscale_all_dim:
-        attention_factor = mscale(rs.factor, rs.mscale) / mscale(rs.factor, rs.mscale_all_dim)
+        attention_factor = yarn_mscale(rs.factor, rs.mscale) / yarn_mscale(rs.factor, rs.mscale_all_dim)
     else:
-        attention_factor = mscale(rs.factor)
+        attention_factor = yarn_mscale(rs.factor)
 
     def correction_dim(rotations: float) -> float:
         orig = rs.original_max_position_embeddings
