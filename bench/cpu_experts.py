@@ -104,7 +104,7 @@ def bench_decode(stack: ExpertStack, calls: int, rng) -> tuple[float, float]:
 
 
 def rounds(T: int, E: int, rng):
-    """Route T tokens top-8 over 384 virtual experts; yield per-round (token rows, physical ids, weights)."""
+    """Route T tokens top-8 over 384 virtual experts; yield per round (token of each assignment, physical id)."""
     virt = np.stack([rng.choice(VIRTUAL_EXPERTS, TOPK, replace=False) for _ in range(T)])
     tok = np.repeat(np.arange(T), TOPK)
     v = virt.reshape(-1)
