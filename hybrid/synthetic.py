@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .bpe import write_tokenizer
+from .chat import CHAT_TEMPLATE
 from .checkpoint import DTYPES
 from .config import ModelConfig
 from .fp8 import FP8_MAX
@@ -68,7 +69,7 @@ def _layer_key(name: str) -> tuple[int, str]:
 
 def write_checkpoint(out: str | Path, config: dict, seed: int = 0, shard_bytes: int = 4 << 30,
                      progress: bool = True) -> Path:  # fmt: skip
-    """Write config.json, sharded safetensors + index, and tokenizer files; returns the directory."""
+    """Write config.json, sharded safetensors + index, tokenizer files and chat_template.jinja; returns the directory."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = ModelConfig.from_dict(config)
@@ -102,4 +103,5 @@ def write_checkpoint(out: str | Path, config: dict, seed: int = 0, shard_bytes: 
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     write_tokenizer(out, cfg.vocab_size - 256)
+    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     return out

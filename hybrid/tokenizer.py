@@ -69,13 +69,39 @@ class Tokenizer:
         return self.num_base + NUM_RESERVED_SPECIAL
 
     def encode(self, text: str, allow_special: bool = True) -> list[int]:
-        """Special-token strings in the text become specials unless allow_special is False (as K2's tokenizer)."""
-        if allow_special:
-            return self.model.encode(text, allowed_special="all")
-        return self.model.encode(text, disallowed_special=())
+        """Special-token strings in the text become specials unless allow_special is False (as K2's tokenizer).
+
+        Like K2's tokenizer, the text is cut into 400,000-character windows and then into runs of at most
+        25,000 consecutive whitespace or non-whitespace characters (tiktoken's regex is slow on longer runs).
+        """
+        ids: list[int] = []
+        for piece in _pieces(text):
+            if allow_special:
+                ids += self.model.encode(piece, allowed_special="all")
+            else:
+                ids += self.model.encode(piece, disallowed_special=())
+        return ids
 
     def decode(self, ids: list[int]) -> str:
         return self.model.decode(ids)
+
+
+WINDOW_CHARS = 400_000
+MAX_RUN_CHARS = 25_000
+
+
+def _pieces(text: str):
+    for w in range(0, max(len(text), 1), WINDOW_CHARS):
+        window = text[w : w + WINDOW_CHARS]
+        start, run, prev = 0, 0, None
+        for i, ch in enumerate(window):
+            space = ch.isspace()
+            run = run + 1 if space == prev else 1
+            prev = space
+            if run > MAX_RUN_CHARS:
+                yield window[start:i]
+                start, run = i, 1
+        yield window[start:]
 
 
 class StreamDecoder:

@@ -79,6 +79,18 @@ def test_tokenizer_files_follow_k2(tiny):
     assert config["added_tokens_decoder"][str(tok.num_base + 11)]["special"] is False  # tool tokens are not special
 
 
+def test_long_runs_are_cut_like_k2_and_still_round_trip(tiny):
+    from hybrid.tokenizer import _pieces
+
+    tok = Tokenizer(tiny)
+    text = "a" * 30_000 + " " * 60_000 + "end"
+    pieces = list(_pieces(text))
+    assert "".join(pieces) == text
+    assert [len(p) for p in pieces] == [25_000, 30_000, 25_000, 10_003]  # no run of one class beyond 25,000
+    assert tok.decode(tok.encode(text)) == text
+    assert list(_pieces("")) == [""] and tok.encode("") == []
+
+
 def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
 
