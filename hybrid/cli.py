@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from . import ConfigError, CheckpointError
 from .presets import MODEL_PRESETS
@@ -62,6 +63,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .conversation import ChatSession
+    from .server import Server, create_app
+
+    session = ChatSession.open(args.model, max_context=args.max_context)
+    name = args.model_name or Path(args.model).resolve().name
+    app = create_app(Server(session, name, api_key=args.api_key, max_queue=args.max_queue))
+    print(f"serving '{name}' on http://{args.host}:{args.port}/v1 (context {session.max_context})", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="hybrid", description="Kimi-K2 on one box: GPU attention, CPU experts.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -83,6 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--host-read-gbs", type=float, help="host read bandwidth in GB/s (default: measure it, ~2 s)")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
     pl.set_defaults(func=cmd_plan)
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models, /health)")
+    sv.add_argument("--model", required=True, help="checkpoint directory")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    sv.add_argument("--max-queue", type=int, default=8, help="requests queued or running before 429 (default 8)")
+    sv.add_argument("--max-context", type=int, help="prompt + completion tokens per request (default min(model, 8192))")
+    sv.add_argument("--model-name", help="model id clients send (default: the directory name)")
+    sv.set_defaults(func=cmd_serve)
     args = p.parse_args(argv)
     try:
         return args.func(args)

@@ -1,0 +1,195 @@
+"""`hybrid serve` as a real process on loopback, driven by the official openai client (and raw HTTP for bad input)."""
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+try:  # the HTTP client the openai package itself uses
+    import httpx2 as httpx
+except ImportError:
+    import httpx
+
+from hybrid.conversation import ChatSession
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "test-key"
+MODEL = "tiny-k2"
+HELLO = [{"role": "user", "content": "Hello there"}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(tiny, max_queue: int, max_context: int):
+    port = free_port()
+    cmd = [sys.executable, "-m", "hybrid.cli", "serve", "--model", str(tiny), "--port", str(port), "--api-key", KEY,
+           "--max-queue", str(max_queue), "--max-context", str(max_context), "--model-name", MODEL]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+        if proc.poll() is not None:
+            pytest.fail(f"server exited: {proc.stdout.read()}")
+    else:
+        proc.kill()
+        pytest.fail("server did not come up")
+    return proc, base
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    proc, base = start_server(tiny, max_queue=4, max_context=512)
+    yield base
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture
+def one_slot_server(tiny):
+    """A server whose queue holds one request, with room for a long (several seconds) generation."""
+    proc, base = start_server(tiny, max_queue=1, max_context=8192)
+    yield base
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def local(tiny):
+    """The same checkpoint in-process: what the server must reproduce."""
+    return ChatSession.open(tiny, max_context=512, progress=False)
+
+
+def test_models_and_health(client, server):
+    assert [m.id for m in client.models.list()] == [MODEL]
+    assert httpx.get(f"{server}/health").json()["status"] == "ok"
+
+
+def test_completion_matches_the_engine(client, local):
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=12, temperature=0)
+    expected = local.complete(HELLO, max_tokens=12, temperature=0.0)
+    assert r.choices[0].message.content == expected.content and r.choices[0].finish_reason == expected.finish_reason
+    assert r.usage.prompt_tokens == len(local.prompt_ids(HELLO)) and r.usage.completion_tokens == 12
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 12
+
+
+def test_streaming_gives_the_same_text(client):
+    whole = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=16, temperature=0)
+    stream = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=16, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})  # fmt: skip
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 16
+
+
+def test_sampling_parameters_and_stop(client):
+    a = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=10, temperature=1.0, top_p=0.9, seed=7)
+    b = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=10, temperature=1.0, top_p=0.9, seed=7)
+    assert a.choices[0].message.content == b.choices[0].message.content
+    full = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=12, temperature=0).choices[0]
+    stop = full.message.content[3:5]
+    cut = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=12, temperature=0, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].message.content == full.message.content[: full.message.content.index(stop)]
+
+
+def post(server, body, key=KEY, raw=None):
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"} if key else {}
+    return httpx.post(f"{server}/v1/chat/completions", content=raw if raw is not None else json.dumps(body),
+                      headers=headers, timeout=60)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "body, raw, status, param",
+    [
+        (None, b"{not json", 400, None),
+        ({"model": MODEL, "messages": HELLO, "temperature": "hot"}, None, 400, "temperature"),
+        ({"model": MODEL, "messages": HELLO, "max_tokens": 0}, None, 400, "max_tokens"),
+        ({"model": MODEL, "messages": []}, None, 400, "messages"),
+        ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, None, 400, "messages"),
+        ({"model": "gpt-9", "messages": HELLO}, None, 404, "model"),
+        ({"model": MODEL, "messages": HELLO, "max_tokens": 600}, None, 400, "messages"),  # over the 512 context
+        ({"model": MODEL, "messages": HELLO, "tools": [{"type": "function", "function": {"description": "x"}}]},
+         None, 400, "tools"),
+        ({"model": MODEL, "messages": HELLO, "stop": [3]}, None, 400, "stop"),
+    ],
+)  # fmt: skip
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, client, body, raw, status, param):
+    r = post(server, body, raw=raw)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"] and err["param"] == param
+    ok = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, temperature=0)
+    assert ok.choices[0].finish_reason == "length"
+
+
+def test_context_overflow_has_the_openai_code(server):
+    r = post(server, {"model": MODEL, "messages": HELLO, "max_tokens": 600})
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_api_key_is_required(server):
+    assert post(server, {"model": MODEL, "messages": HELLO}, key=None).status_code == 401
+    r = post(server, {"model": MODEL, "messages": HELLO}, key="wrong")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_two_concurrent_clients_both_finish(client, local):
+    expected = local.complete(HELLO, max_tokens=8, temperature=0.0).content
+    results = [None, None]
+
+    def ask(i):
+        results[i] = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8, temperature=0)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r.choices[0].message.content for r in results] == [expected, expected]
+
+
+def test_a_full_queue_answers_429_and_a_disconnect_frees_its_slot(one_slot_server):
+    server = one_slot_server
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 8000, "stream": True, "temperature": 0}
+    with httpx.Client(timeout=60) as c:
+        req = c.build_request("POST", f"{server}/v1/chat/completions", json=body,
+                              headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
+        stream = c.send(req, stream=True)
+        lines = stream.iter_lines()
+        assert next(lines).startswith("data: ") and next(lines) == ""
+        assert '"content"' in next(lines)  # generation is under way
+        busy = post(server, {"model": MODEL, "messages": HELLO, "max_tokens": 2})
+        assert busy.status_code == 429 and busy.json()["error"]["type"] == "rate_limit_error"
+        stream.close()  # disconnect mid-stream
+    t0 = time.time()
+    while httpx.get(f"{server}/health").json()["in_flight"] and time.time() - t0 < 10:
+        time.sleep(0.02)
+    freed = time.time() - t0
+    assert freed < 2.0, f"slot freed only after {freed:.1f} s"  # the 8000-token generation was cut short
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
+    ok = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, temperature=0)
+    assert ok.choices[0].finish_reason == "length"
