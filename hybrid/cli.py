@@ -63,6 +63,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .chat_cli import ChatLoop
+    from .conversation import ChatSession
+
+    session = ChatSession.open(args.model, max_context=args.max_context)
+    return ChatLoop(session, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p).run()
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -98,6 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--host-read-gbs", type=float, help="host read bandwidth in GB/s (default: measure it, ~2 s)")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
     pl.set_defaults(func=cmd_plan)
+    ch = sub.add_parser("chat", help="chat in the terminal, streamed, with /commands")
+    ch.add_argument("--model", required=True, help="checkpoint directory")
+    ch.add_argument("--max-tokens", type=int, default=1024, help="per answer (default 1024)")
+    ch.add_argument("--temperature", type=float, default=0.6, help="default 0.6, as Moonshot recommends for K2")
+    ch.add_argument("--top-p", type=float, default=1.0)
+    ch.add_argument("--max-context", type=int, help="tokens of conversation (default min(model, 8192))")
+    ch.set_defaults(func=cmd_chat)
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models, /health)")
     sv.add_argument("--model", required=True, help="checkpoint directory")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")

@@ -1,0 +1,121 @@
+"""`hybrid chat`: a terminal chat on one engine, streamed, with /commands and tokens/s after each answer."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from .conversation import ChatSession
+
+HELP = """commands: /reset (forget the conversation), /system TEXT (set the system prompt and reset),
+/stats (context and speed), /exit. End a line with \\ to continue it, or put \"\"\" alone on a line to start and end
+a multi-line message. Ctrl-C stops an answer; Ctrl-D or /exit leaves."""
+
+
+class ChatLoop:
+    def __init__(self, session: ChatSession, out=sys.stdout, max_tokens: int = 1024, temperature: float = 0.6,
+                 top_p: float = 1.0):  # fmt: skip
+        self.session, self.out = session, out
+        self.max_tokens, self.temperature, self.top_p = max_tokens, temperature, top_p
+        self.system: str | None = None
+        self.messages: list[dict] = []
+        self.last: dict = {}
+
+    def print(self, text: str = "", end: str = "\n") -> None:
+        self.out.write(text + end)
+        self.out.flush()
+
+    def read_message(self) -> str | None:
+        """One user message (possibly multi-line); None at end of input."""
+        lines: list[str] = []
+        block = False
+        while True:
+            try:
+                line = input("... " if lines or block else ">>> ")
+            except EOFError:
+                return None if not lines else "\n".join(lines)
+            if line.strip() == '"""':
+                if block:
+                    return "\n".join(lines)
+                block = True
+                continue
+            if block:
+                lines.append(line)
+            elif line.endswith("\\"):
+                lines.append(line[:-1])
+            else:
+                lines.append(line)
+                return "\n".join(lines)
+
+    def command(self, text: str) -> bool:
+        """Handle a /command; False means leave."""
+        name, _, arg = text.partition(" ")
+        if name in ("/exit", "/quit"):
+            return False
+        if name == "/reset":
+            self.messages = []
+            self.print("[conversation cleared]")
+        elif name == "/system":
+            self.system, self.messages = arg.strip() or None, []
+            self.print(f"[system prompt {'set' if self.system else 'cleared'}; conversation cleared]")
+        elif name == "/stats":
+            prompt = len(self.session.prompt_ids(self.history()))
+            self.print(f"[{len(self.messages)} messages, {prompt} prompt tokens of {self.session.max_context}; "
+                       f"last answer: {self.last or 'none'}]")  # fmt: skip
+        else:
+            self.print(HELP)
+        return True
+
+    def history(self) -> list[dict]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + self.messages
+
+    def answer(self, text: str) -> None:
+        self.messages.append({"role": "user", "content": text})
+        parts, calls, finish, usage = [], [], "stopped", {}
+        t0 = time.perf_counter()
+        first = None
+        stream = self.session.stream(self.history(), max_tokens=self.max_tokens, temperature=self.temperature,
+                                     top_p=self.top_p)  # fmt: skip
+        try:
+            for ev in stream:
+                first = first or time.perf_counter()
+                if ev.kind == "content":
+                    parts.append(ev.text)
+                    self.print(ev.text, end="")
+                elif ev.kind == "tool_call":
+                    calls.append(ev.tool_call)
+                    self.print(f"\n[tool call {ev.tool_call.name}({ev.tool_call.arguments})]", end="")
+                else:
+                    finish, usage = ev.finish_reason, ev.usage
+        except KeyboardInterrupt:
+            stream.close()
+            self.print("\n[stopped]", end="")
+        end = time.perf_counter()
+        reply = {"role": "assistant", "content": "".join(parts)}
+        if calls:
+            reply["tool_calls"] = [c.to_openai() for c in calls]
+        self.messages.append(reply)
+        n = usage.get("completion_tokens", len(parts))
+        tps = (n - 1) / (end - first) if first and n > 1 and end > first else 0.0
+        self.last = {"tokens": n, "tokens_per_s": round(tps, 1), "finish": finish}
+        self.print(f"\n[{n} tokens, {tps:.1f} tokens/s, {finish}]")
+
+    def run(self) -> int:
+        self.print(f"hybrid chat: {self.session.engine.path}  (/help for commands)")
+        while True:
+            try:
+                text = self.read_message()
+            except KeyboardInterrupt:
+                self.print("\n[Ctrl-D or /exit to leave]")
+                continue
+            if text is None:
+                self.print()
+                return 0
+            if not text.strip():
+                continue
+            if text.startswith("/"):
+                if not self.command(text.strip()):
+                    return 0
+                continue
+            self.answer(text)

@@ -1,0 +1,99 @@
+"""`hybrid chat` driven through a pseudo-terminal, as a person would: type, read the stream, press Ctrl-C."""
+
+import os
+import pty
+import re
+import select
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Terminal:
+    def __init__(self, argv: list[str]):
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # child: the pty is its controlling terminal, so Ctrl-C becomes SIGINT
+            os.chdir(ROOT)
+            os.execv(sys.executable, [sys.executable, *argv])
+        self.buffer = ""
+
+    def read_until(self, pattern: str, timeout: float = 120) -> str:
+        deadline = time.time() + timeout
+        while not re.search(pattern, self.buffer):
+            left = deadline - time.time()
+            if left <= 0:
+                raise AssertionError(f"timed out waiting for {pattern!r}; screen so far:\n{self.buffer[-2000:]}")
+            ready, _, _ = select.select([self.fd], [], [], left)
+            if ready:
+                try:
+                    data = os.read(self.fd, 65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    raise AssertionError(f"terminal closed before {pattern!r}:\n{self.buffer[-2000:]}")
+                self.buffer += data.decode("utf-8", "replace").replace("\r\n", "\n")
+        m = re.search(pattern, self.buffer)
+        seen, self.buffer = self.buffer[: m.end()], self.buffer[m.end() :]
+        return seen
+
+    def type(self, text: str) -> None:
+        os.write(self.fd, text.encode())
+
+    def close(self) -> None:
+        try:
+            os.kill(self.pid, 9)
+            os.waitpid(self.pid, 0)
+        except (ProcessLookupError, ChildProcessError):  # already gone and reaped
+            pass
+        os.close(self.fd)
+
+
+@pytest.fixture
+def term(tiny):
+    t = Terminal(["-m", "hybrid.cli", "chat", "--model", str(tiny), "--temperature", "0", "--max-tokens", "12"])
+    t.read_until(r">>> ")
+    yield t
+    t.close()
+
+
+def test_a_chat_session(term):
+    term.type("Hello there\n")
+    answer = term.read_until(r"\[12 tokens, [0-9.]+ tokens/s, length\]\n>>> ")
+    assert "Hello there" in answer  # the typed line echoes, then the streamed answer and its speed
+    term.type("/stats\n")
+    assert re.search(r"\[2 messages, \d+ prompt tokens of \d+", term.read_until(r">>> "))
+    term.type('"""\nfirst line\nsecond line\n"""\n')  # a multi-line message
+    term.read_until(r"tokens/s, length\]\n>>> ")
+    term.type("/system Be brief.\n")
+    assert "[system prompt set; conversation cleared]" in term.read_until(r">>> ")
+    term.type("/reset\n")
+    assert "[conversation cleared]" in term.read_until(r">>> ")
+    term.type("/exit\n")
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        pid, status = os.waitpid(term.pid, os.WNOHANG)
+        if pid:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.1)
+    pytest.fail("chat did not exit on /exit")
+
+
+def test_ctrl_c_stops_the_answer_and_the_chat_goes_on(tiny):
+    t = Terminal(["-m", "hybrid.cli", "chat", "--model", str(tiny), "--temperature", "0", "--max-tokens", "100000",
+                  "--max-context", "100100"])  # fmt: skip
+    try:
+        t.read_until(r">>> ")
+        t.type("tell me everything\n")
+        t.read_until(r"tell me everything\n.+", timeout=60)  # the answer has started streaming
+        time.sleep(0.5)
+        t.type("\x03")  # Ctrl-C
+        t.read_until(r"\[stopped\]\n\[\d+ tokens, [0-9.]+ tokens/s, stopped\]\n>>> ", timeout=60)
+        t.type("/stats\n")
+        assert "2 messages" in t.read_until(r">>> ")
+    finally:
+        t.close()
