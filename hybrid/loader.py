@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
+
 from tqdm import tqdm
 
 from .checkpoint import Checkpoint
@@ -21,18 +23,24 @@ def reference_experts(layer: int, experts: list[MLP], names: list[str]) -> Route
 
 
 class _Taker:
-    """Hands out checkpoint tensors and remembers which were used, so nothing is silently left behind."""
+    """Hands out tensors by checkpoint name and remembers which were used, so nothing is silently left behind.
 
-    def __init__(self, ckpt: Checkpoint):
-        self.ckpt, self.used = ckpt, set()
+    `linear(module)` builds a linear's weight; by default the fp8 pair `{module}.weight` + `weight_scale_inv`.
+    """
+
+    def __init__(self, get: Callable[[str], torch.Tensor], linear: Callable[[str], object] | None = None):
+        self.get, self.linear, self.used = get, linear, set()
 
     def __call__(self, name: str):
         if name in self.used:
             raise AssertionError(f"tensor '{name}' assigned twice")
         self.used.add(name)
-        return self.ckpt.get(name)
+        return self.get(name)
 
-    def fp8(self, module: str) -> Fp8Weight:
+    def fp8(self, module: str):
+        if self.linear is not None:
+            self.used.update((f"{module}.weight", f"{module}.weight_scale_inv"))
+            return self.linear(module)
         return Fp8Weight(self(f"{module}.weight"), self(f"{module}.weight_scale_inv"))
 
     def mlp(self, prefix: str) -> MLP:
@@ -47,7 +55,17 @@ def _tensor_names(mlp: str) -> list[str]:
 def load_transformer(ckpt: Checkpoint, cfg: ModelConfig, experts: ExpertsFactory = reference_experts,
                      progress: bool = True) -> Transformer:  # fmt: skip
     specs = validate(ckpt, cfg)
-    take = _Taker(ckpt)
+    take = _Taker(ckpt.get)
+    model = build_transformer(cfg, take, experts, progress)
+    missed = specs.keys() - take.used
+    if missed:
+        raise AssertionError(f"loader left {len(missed)} expected tensors unused, e.g. {sorted(missed)[:3]}")
+    return model
+
+
+def build_transformer(cfg: ModelConfig, take: _Taker, experts: ExpertsFactory = reference_experts,
+                      progress: bool = False) -> Transformer:  # fmt: skip
+    """Assemble the model from tensors named as in the checkpoint (also used to train the demo model)."""
     blocks = []
     for i in tqdm(range(cfg.num_hidden_layers), desc="loading layers", disable=not progress, unit="layer"):
         p = f"model.layers.{i}"
@@ -73,8 +91,4 @@ def load_transformer(ckpt: Checkpoint, cfg: ModelConfig, experts: ExpertsFactory
                             ffn, cfg.rms_norm_eps))  # fmt: skip
     embed = take("model.embed_tokens.weight")
     lm_head = embed if cfg.tie_word_embeddings else take("lm_head.weight")
-    model = Transformer(cfg, embed, blocks, take("model.norm.weight"), lm_head)
-    missed = specs.keys() - take.used
-    if missed:
-        raise AssertionError(f"loader left {len(missed)} expected tensors unused, e.g. {sorted(missed)[:3]}")
-    return model
+    return Transformer(cfg, embed, blocks, take("model.norm.weight"), lm_head)

@@ -16,10 +16,14 @@ from .config import ModelConfig, yarn_mscale
 from .fp8 import Fp8Weight
 
 
+def dense(w: Fp8Weight | torch.Tensor) -> torch.Tensor:
+    """A linear's weight in fp32: fp8 weights are dequantized on the fly, float ones (training) pass through."""
+    return w.dequantize() if isinstance(w, Fp8Weight) else w.float()
+
+
 def linear(x: torch.Tensor, w: Fp8Weight | torch.Tensor) -> torch.Tensor:
-    """y = x W^T in fp32; fp8 weights are dequantized on the fly (the one place a linear's path is chosen)."""
-    weight = w.dequantize() if isinstance(w, Fp8Weight) else w.float()
-    return F.linear(x, weight)
+    """y = x W^T in fp32 (the one place a linear's path is chosen)."""
+    return F.linear(x, dense(w))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -102,7 +106,7 @@ class Attention:
         cache.pe[self.layer, start:end] = apply_rope(kv[:, C:], cos, sin)
         c, pe = cache.c[self.layer, :end].float(), cache.pe[self.layer, :end].float()
 
-        w_kvb = self.kv_b.dequantize().view(nh, dn + dv, C)
+        w_kvb = dense(self.kv_b).view(nh, dn + dv, C)
         if T == 1:  # absorbed decode: never expand the cache into per-head keys and values
             q_abs = torch.einsum("thd,hdc->thc", q_nope, w_kvb[:, :dn])
             scores = torch.einsum("thc,sc->hts", q_abs, c) + torch.einsum("thr,sr->hts", q_pe, pe)
@@ -212,6 +216,10 @@ class Transformer:
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, start: int, cache: KVCache, last_only: bool = False) -> torch.Tensor:
         """Logits [T, vocab] (or [1, vocab]) for tokens ids [T] at positions start.. start+T-1."""
+        return self.forward_train(ids, start, cache, last_only)
+
+    def forward_train(self, ids: torch.Tensor, start: int, cache: KVCache, last_only: bool = False) -> torch.Tensor:
+        """`forward` with autograd on (the demo model is trained through this exact code)."""
         T = ids.shape[0]
         if start + T > cache.capacity:
             raise ValueError(f"sequence of {start + T} tokens exceeds the KV cache capacity {cache.capacity}")
