@@ -1,9 +1,8 @@
-# make demo: venv + small synthetic checkpoint + a generation.  make test: venv + the test suite.
+# make demo: venv + the trained demo model (built once, ~30 s) + `hybrid chat` on it.  make test: venv + the tests.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEMO_MODEL ?= checkpoints/small
-PROMPT ?= Once upon a time there was a small machine that
+DEMO_MODEL ?= checkpoints/demo
 # No NVIDIA GPU: pin the CPU build of torch (a CUDA build is several GB). Off this workplace, add
 # TORCH_INDEX=https://download.pytorch.org/whl/cpu to get the CPU wheel from PyTorch's own index.
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
@@ -20,10 +19,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 $(DEMO_MODEL)/config.json: | venv
-	$(PY) scripts/make_checkpoint.py --preset small --out $(DEMO_MODEL)
+	$(PY) -m hybrid.demo --out $(DEMO_MODEL)
 
 demo: venv $(DEMO_MODEL)/config.json
-	$(VENV)/bin/hybrid generate --model $(DEMO_MODEL) --prompt "$(PROMPT)" --max-new-tokens 48
+	$(VENV)/bin/hybrid chat --model $(DEMO_MODEL) --temperature 0
 
 test: venv
 	$(PY) -m pytest -q

@@ -75,9 +75,10 @@ class KVCache:
     """MLA latent cache: per layer and token the normalised latent c (C) and the rotated shared key (dr)."""
 
     def __init__(self, cfg: ModelConfig, capacity: int, dtype: torch.dtype = torch.float32, device="cpu"):
-        shape = (cfg.num_hidden_layers, capacity)
-        self.c = torch.zeros(*shape, cfg.kv_lora_rank, dtype=dtype, device=device)
-        self.pe = torch.zeros(*shape, cfg.qk_rope_head_dim, dtype=dtype, device=device)
+        # one tensor per layer: a write to one layer's cache never touches what another layer read (autograd)
+        layers = range(cfg.num_hidden_layers)
+        self.c = [torch.zeros(capacity, cfg.kv_lora_rank, dtype=dtype, device=device) for _ in layers]
+        self.pe = [torch.zeros(capacity, cfg.qk_rope_head_dim, dtype=dtype, device=device) for _ in layers]
         self.capacity = capacity
 
 
@@ -102,9 +103,9 @@ class Attention:
         q_nope, q_pe = q[..., :dn], apply_rope(q[..., dn:], cos[:, None], sin[:, None])
         kv = linear(x, self.kv_a)
         end = start + T
-        cache.c[self.layer, start:end] = rms_norm(kv[:, :C], self.kv_a_norm, cfg.rms_norm_eps)
-        cache.pe[self.layer, start:end] = apply_rope(kv[:, C:], cos, sin)
-        c, pe = cache.c[self.layer, :end].float(), cache.pe[self.layer, :end].float()
+        cache.c[self.layer][start:end] = rms_norm(kv[:, :C], self.kv_a_norm, cfg.rms_norm_eps)
+        cache.pe[self.layer][start:end] = apply_rope(kv[:, C:], cos, sin)
+        c, pe = cache.c[self.layer][:end].float(), cache.pe[self.layer][:end].float()
 
         w_kvb = dense(self.kv_b).view(nh, dn + dv, C)
         if T == 1:  # absorbed decode: never expand the cache into per-head keys and values

@@ -68,8 +68,12 @@ def _layer_key(name: str) -> tuple[int, str]:
 
 
 def write_checkpoint(out: str | Path, config: dict, seed: int = 0, shard_bytes: int = 4 << 30,
-                     progress: bool = True) -> Path:  # fmt: skip
-    """Write config.json, sharded safetensors + index, tokenizer files and chat_template.jinja; returns the directory."""
+                     progress: bool = True, tensors=None, tokenizer_text: str | None = None) -> Path:  # fmt: skip
+    """Write config.json, sharded safetensors + index, tokenizer files and chat_template.jinja; returns the directory.
+
+    tensors(name, spec) -> tensor supplies the weights (default: the synthetic rules of make_tensor);
+    tokenizer_text is the corpus the BPE vocabulary is learned from (default: a small built-in one).
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = ModelConfig.from_dict(config)
@@ -91,17 +95,18 @@ def write_checkpoint(out: str | Path, config: dict, seed: int = 0, shard_bytes: 
     bar = tqdm(total=len(names), desc=f"writing {out.name}", unit="tensor", disable=not progress)
     for i, shard in enumerate(shards, 1):
         fname = f"model-{i:05d}-of-{n:06d}.safetensors"
-        tensors = {}
+        shard_tensors = {}
         for name in shard:
-            tensors[name] = make_tensor(name, specs[name], specs, cfg, seed, codes)
-            total += tensors[name].numel() * tensors[name].element_size()
+            t = tensors(name, specs[name]) if tensors else make_tensor(name, specs[name], specs, cfg, seed, codes)
+            shard_tensors[name] = t.contiguous()
+            total += t.numel() * t.element_size()
             weight_map[name] = fname
             bar.update()
-        save_file(tensors, str(out / fname), metadata={"format": "pt"})
+        save_file(shard_tensors, str(out / fname), metadata={"format": "pt"})
     bar.close()
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    write_tokenizer(out, cfg.vocab_size - 256)
+    write_tokenizer(out, cfg.vocab_size - 256, **({"text": tokenizer_text} if tokenizer_text else {}))
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     return out
