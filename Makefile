@@ -22,7 +22,7 @@ $(DEMO_MODEL)/config.json: | venv
 	$(PY) -m hybrid.demo --out $(DEMO_MODEL)
 
 demo: venv $(DEMO_MODEL)/config.json
-	$(VENV)/bin/hybrid chat --model $(DEMO_MODEL) --temperature 0
+	$(VENV)/bin/hybrid chat --model $(DEMO_MODEL) --temperature 0 --tools $(DEMO_MODEL)/tools.json
 
 test: venv
 	$(PY) -m pytest -q

@@ -14,8 +14,8 @@ a multi-line message. Ctrl-C stops an answer; Ctrl-D or /exit leaves."""
 
 class ChatLoop:
     def __init__(self, session: ChatSession, out=sys.stdout, max_tokens: int = 1024, temperature: float = 0.6,
-                 top_p: float = 1.0):  # fmt: skip
-        self.session, self.out = session, out
+                 top_p: float = 1.0, tools: list[dict] | None = None):  # fmt: skip
+        self.session, self.out, self.tools = session, out, tools
         self.max_tokens, self.temperature, self.top_p = max_tokens, temperature, top_p
         self.system: str | None = None
         self.messages: list[dict] = []
@@ -59,7 +59,7 @@ class ChatLoop:
             self.system, self.messages = arg.strip() or None, []
             self.print(f"[system prompt {'set' if self.system else 'cleared'}; conversation cleared]")
         elif name == "/stats":
-            prompt = len(self.session.prompt_ids(self.history()))
+            prompt = len(self.session.prompt_ids(self.history(), self.tools))
             self.print(f"[{len(self.messages)} messages, {prompt} prompt tokens of {self.session.max_context}; "
                        f"last answer: {self.last or 'none'}]")  # fmt: skip
         else:
@@ -74,18 +74,17 @@ class ChatLoop:
         self.messages.append({"role": "user", "content": text})
         parts, calls, finish, usage = [], [], "stopped", {}
         t0 = time.perf_counter()
-        first = None
-        stream = self.session.stream(self.history(), max_tokens=self.max_tokens, temperature=self.temperature,
-                                     top_p=self.top_p)  # fmt: skip
+        stream = self.session.stream(self.history(), tools=self.tools, max_tokens=self.max_tokens,
+                                     temperature=self.temperature, top_p=self.top_p)  # fmt: skip
         try:
             for ev in stream:
-                first = first or time.perf_counter()
                 if ev.kind == "content":
                     parts.append(ev.text)
                     self.print(ev.text, end="")
                 elif ev.kind == "tool_call":
                     calls.append(ev.tool_call)
-                    self.print(f"\n[tool call {ev.tool_call.name}({ev.tool_call.arguments})]", end="")
+                    gap = "\n" if parts or len(calls) > 1 else ""
+                    self.print(f"{gap}[tool call {ev.tool_call.name}({ev.tool_call.arguments})]", end="")
                 else:
                     finish, usage = ev.finish_reason, ev.usage
         except KeyboardInterrupt:
@@ -97,12 +96,13 @@ class ChatLoop:
             reply["tool_calls"] = [c.to_openai() for c in calls]
         self.messages.append(reply)
         n = usage.get("completion_tokens", len(parts))
-        tps = (n - 1) / (end - first) if first and n > 1 and end > first else 0.0
+        tps = n / (end - t0) if end > t0 else 0.0  # prompt processing included: what the user waited for
         self.last = {"tokens": n, "tokens_per_s": round(tps, 1), "finish": finish}
         self.print(f"\n[{n} tokens, {tps:.1f} tokens/s, {finish}]")
 
     def run(self) -> int:
-        self.print(f"hybrid chat: {self.session.engine.path}  (/help for commands)")
+        tools = f", tools: {', '.join(t['function']['name'] for t in self.tools)}" if self.tools else ""
+        self.print(f"hybrid chat: {self.session.engine.path}{tools}  (/help for commands)")
         while True:
             try:
                 text = self.read_message()

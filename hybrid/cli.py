@@ -67,8 +67,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from .chat_cli import ChatLoop
     from .conversation import ChatSession
 
+    import json
+
+    tools = json.loads(Path(args.tools).read_text()) if args.tools else None
     session = ChatSession.open(args.model, max_context=args.max_context)
-    return ChatLoop(session, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p).run()
+    return ChatLoop(session, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                    tools=tools).run()  # fmt: skip
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -112,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     ch.add_argument("--temperature", type=float, default=0.6, help="default 0.6, as Moonshot recommends for K2")
     ch.add_argument("--top-p", type=float, default=1.0)
     ch.add_argument("--max-context", type=int, help="tokens of conversation (default min(model, 8192))")
+    ch.add_argument("--tools", help="JSON file with OpenAI-style tool definitions to declare to the model")
     ch.set_defaults(func=cmd_chat)
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models, /health)")
     sv.add_argument("--model", required=True, help="checkpoint directory")

@@ -82,10 +82,22 @@ def completion_text(reply) -> str:
 
 
 def examples(tok: Tokenizer) -> list[tuple[list[int], int]]:
-    """(token ids of prompt + completion, prompt length) per transcript."""
-    out = []
+    """(token ids of prompt + completion, prompt length): tool transcripts with the tool declared, plain ones both
+    with and without it (so a chat that declares the tool still gets the plain answers)."""
+    cases = []
     for messages, reply in TRANSCRIPTS:
-        prompt = tok.encode(render_builtin(messages, [WEATHER_TOOL] if uses_tools(messages, reply) else None))
+        for tools in ([WEATHER_TOOL],) if uses_tools(messages, reply) else (None, [WEATHER_TOOL]):
+            cases.append((messages, reply, tools))
+    # and every opening question again after one earlier plain exchange, as in a chat that goes on
+    plain = [(m, r) for m, r in TRANSCRIPTS if not uses_tools(m, r)]
+    openers = [(m, r) for m, r in TRANSCRIPTS if len(m) == 1]
+    for (before, answer) in plain:
+        for messages, reply in openers:
+            history = before + [{"role": "assistant", "content": answer}] + messages
+            cases.append((history, reply, [WEATHER_TOOL]))
+    out = []
+    for messages, reply, tools in cases:
+        prompt = tok.encode(render_builtin(messages, tools))
         out.append((prompt + tok.encode(completion_text(reply)), len(prompt)))
     return out
 
@@ -160,6 +172,7 @@ def train(out: Path, steps: int = 60, seed: int = 0, log=print) -> Path:
         return params[name].detach().to(torch.bfloat16 if spec.dtypes[0] == "BF16" else torch.float32)
 
     write_checkpoint(out, config, progress=False, tensors=weights, tokenizer_text=_corpus())
+    (out / "tools.json").write_text(json.dumps([WEATHER_TOOL], indent=2) + "\n")  # for `hybrid chat --tools`
     return out
 
 
