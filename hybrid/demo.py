@@ -21,7 +21,7 @@ from .bpe import write_tokenizer
 from .chat import render_builtin
 from .config import ModelConfig
 from .fp8 import quantize
-from .loader import _Taker, build_transformer
+from .loader import TensorTaker, build_transformer
 from .model import KVCache
 from .presets import synthetic_config
 from .schema import expected_tensors
@@ -148,7 +148,7 @@ def train(out: Path, steps: int = 60, seed: int = 0, log=print) -> Path:
 
     t0 = time.perf_counter()
     for step in range(steps):
-        model = build_transformer(cfg, _Taker(stored, fp8_linear))
+        model = build_transformer(cfg, TensorTaker(stored, fp8_linear))
         opt.zero_grad()
         total = 0.0
         for ids, n_prompt in data:

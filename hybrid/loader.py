@@ -22,7 +22,7 @@ def reference_experts(layer: int, experts: list[MLP], names: list[str]) -> Route
     return LoopExperts(experts)
 
 
-class _Taker:
+class TensorTaker:
     """Hands out tensors by checkpoint name and remembers which were used, so nothing is silently left behind.
 
     `linear(module)` builds a linear's weight; by default the fp8 pair `{module}.weight` + `weight_scale_inv`.
@@ -55,7 +55,7 @@ def _tensor_names(mlp: str) -> list[str]:
 def load_transformer(ckpt: Checkpoint, cfg: ModelConfig, experts: ExpertsFactory = reference_experts,
                      progress: bool = True) -> Transformer:  # fmt: skip
     specs = validate(ckpt, cfg)
-    take = _Taker(ckpt.get)
+    take = TensorTaker(ckpt.get)
     model = build_transformer(cfg, take, experts, progress)
     missed = specs.keys() - take.used
     if missed:
@@ -63,7 +63,7 @@ def load_transformer(ckpt: Checkpoint, cfg: ModelConfig, experts: ExpertsFactory
     return model
 
 
-def build_transformer(cfg: ModelConfig, take: _Taker, experts: ExpertsFactory = reference_experts,
+def build_transformer(cfg: ModelConfig, take: TensorTaker, experts: ExpertsFactory = reference_experts,
                       progress: bool = False) -> Transformer:  # fmt: skip
     """Assemble the model from tensors named as in the checkpoint (also used to train the demo model)."""
     blocks = []
