@@ -88,6 +88,9 @@ class ChatSession:
                 finish = "stop"
                 break
             if section is None and token == self.section_begin:
+                if pending:  # text before the tool calls goes out first
+                    yield Event("content", text=pending)
+                    pending = ""
                 section = [token]
                 continue
             if section is not None:

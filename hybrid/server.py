@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .conversation import ChatSession, ContextLengthError
 
-ROLES = ("system", "user", "assistant", "tool")
+ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class ApiError(Exception):
@@ -56,7 +56,8 @@ def _validate_messages(messages) -> list[dict]:
             raise ApiError(400, f"messages[{i}].content must be a string, an array of parts or null", "messages")
         if isinstance(content, list) and not all(isinstance(p, dict) for p in content):
             raise ApiError(400, f"messages[{i}].content parts must be objects", "messages")
-    return messages
+    # OpenAI's newer "developer" role is K2's system role
+    return [{**m, "role": "system"} if m["role"] == "developer" else m for m in messages]
 
 
 def _validate_tools(tools) -> list[dict] | None:

@@ -105,6 +105,14 @@ def test_streaming_gives_the_same_text(client):
     assert chunks[-1].usage.completion_tokens == 16
 
 
+def test_developer_role_is_the_system_role(client, local):
+    dev = [{"role": "developer", "content": "Be brief."}, *HELLO]
+    r = client.chat.completions.create(model=MODEL, messages=dev, max_tokens=6, temperature=0)
+    sys_msgs = [{"role": "system", "content": "Be brief."}, *HELLO]
+    assert r.choices[0].message.content == local.complete(sys_msgs, max_tokens=6, temperature=0.0).content
+    assert r.usage.prompt_tokens == len(local.prompt_ids(sys_msgs))
+
+
 def test_sampling_parameters_and_stop(client):
     a = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=10, temperature=1.0, top_p=0.9, seed=7)
     b = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=10, temperature=1.0, top_p=0.9, seed=7)
