@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-from .conversation import ChatSession
+from .conversation import ChatSession, ContextLengthError
 
 HELP = """commands: /reset (forget the conversation), /system TEXT (set the system prompt and reset),
 /stats (context and speed), /exit. End a line with \\ to continue it, or put \"\"\" alone on a line to start and end
@@ -72,10 +72,15 @@ class ChatLoop:
 
     def answer(self, text: str) -> None:
         self.messages.append({"role": "user", "content": text})
+        try:
+            ids = self.session.check_context(self.history(), self.tools, self.max_tokens)
+        except ContextLengthError as e:  # the chat goes on: the message is dropped, the user told why
+            self.messages.pop()
+            self.print(f"[{e}; /reset to start over]")
+            return
         parts, calls, finish, usage = [], [], "stopped", {}
         t0 = time.perf_counter()
-        stream = self.session.stream(self.history(), tools=self.tools, max_tokens=self.max_tokens,
-                                     temperature=self.temperature, top_p=self.top_p)  # fmt: skip
+        stream = self.session.stream(ids, max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p)
         try:
             for ev in stream:
                 if ev.kind == "content":

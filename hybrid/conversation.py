@@ -70,10 +70,10 @@ class ChatSession:
             )
         return ids
 
-    def stream(self, messages: list[dict], tools: list[dict] | None = None, max_tokens: int = 512,
-               temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop: list[str] = (),
+    def stream(self, ids: list[int], max_tokens: int = 512, temperature: float = 0.0, top_p: float = 1.0,
+               seed: int | None = None, stop: list[str] = (),
                cancel: threading.Event | None = None) -> Iterator[Event]:  # fmt: skip
-        ids = self.check_context(messages, tools, max_tokens)
+        """Generate after the prompt `ids` (from check_context) and turn the tokens into events."""
         text = StreamDecoder(self.tokenizer)
         pending = ""  # content held back while it could still turn into a stop string
         hold = max((len(s) for s in stop), default=1) - 1
@@ -121,9 +121,10 @@ class ChatSession:
         usage = {"prompt_tokens": len(ids), "completion_tokens": count, "total_tokens": len(ids) + count}
         yield Event("done", finish_reason=finish, usage=usage)
 
-    def complete(self, messages: list[dict], **kwargs) -> ChatResult:
+    def complete(self, messages: list[dict], tools: list[dict] | None = None, max_tokens: int = 512,
+                 **kwargs) -> ChatResult:  # fmt: skip
         content, calls = [], []
-        for ev in self.stream(messages, **kwargs):
+        for ev in self.stream(self.check_context(messages, tools, max_tokens), max_tokens, **kwargs):
             if ev.kind == "content":
                 content.append(ev.text)
             elif ev.kind == "tool_call":

@@ -34,8 +34,7 @@ class ApiError(Exception):
         return JSONResponse(body, status_code=self.status)
 
 
-def _number(body: dict, name: str, default, lo: float, hi: float, integer: bool = False):
-    value = body.get(name, default)
+def _number(value, name: str, default, lo: float, hi: float, integer: bool = False):
     if value is None:
         return default
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
@@ -102,10 +101,10 @@ def parse_request(body, model_name: str) -> dict:
     return {
         "messages": _validate_messages(body.get("messages")),
         "tools": None if choice == "none" else tools,
-        "max_tokens": _number({"max_tokens": max_tokens}, "max_tokens", 512, 1, 1 << 20, integer=True),
-        "temperature": float(_number(body, "temperature", 1.0, 0.0, 2.0)),
-        "top_p": float(_number(body, "top_p", 1.0, 1e-9, 1.0)),
-        "seed": _number(body, "seed", None, -(1 << 63), (1 << 63) - 1, integer=True),
+        "max_tokens": _number(max_tokens, "max_tokens", 512, 1, 1 << 20, integer=True),
+        "temperature": float(_number(body.get("temperature"), "temperature", 1.0, 0.0, 2.0)),
+        "top_p": float(_number(body.get("top_p"), "top_p", 1.0, 1e-9, 1.0)),
+        "seed": _number(body.get("seed"), "seed", None, -(1 << 63), (1 << 63) - 1, integer=True),
         "stop": stop or [],
         "stream": stream,
         "include_usage": bool((body.get("stream_options") or {}).get("include_usage")),
@@ -137,11 +136,9 @@ class Server:
         try:
             if cancel.is_set():
                 return
-            kwargs = {k: args[k] for k in ("tools", "max_tokens", "temperature", "top_p", "seed", "stop")}
-            for ev in self.session.stream(args["messages"], cancel=cancel, **kwargs):
+            kwargs = {k: args[k] for k in ("max_tokens", "temperature", "top_p", "seed", "stop")}
+            for ev in self.session.stream(args["ids"], cancel=cancel, **kwargs):
                 sink(ev)
-        except ContextLengthError as e:
-            sink(ApiError(400, str(e), "messages", "context_length_exceeded"))
         except Exception as e:  # a failing request must not take the server down
             sink(ApiError(500, f"generation failed: {e}", kind="server_error"))
         finally:
@@ -187,7 +184,7 @@ def create_app(server: Server) -> FastAPI:
             raise ApiError(400, f"the request body is not valid JSON: {e}") from None
         args = parse_request(body, server.model_name)
         try:  # before queueing, so a stream never starts on a request that cannot run
-            server.session.check_context(args["messages"], args["tools"], args["max_tokens"])
+            args["ids"] = server.session.check_context(args["messages"], args["tools"], args["max_tokens"])
         except ContextLengthError as e:
             raise ApiError(400, str(e), "messages", "context_length_exceeded") from None
         server.admit()

@@ -97,3 +97,18 @@ def test_ctrl_c_stops_the_answer_and_the_chat_goes_on(tiny):
         assert "2 messages" in t.read_until(r">>> ")
     finally:
         t.close()
+
+
+def test_a_message_over_the_context_is_refused_and_the_chat_goes_on(tiny):
+    t = Terminal(["-m", "hybrid.cli", "chat", "--model", str(tiny), "--temperature", "0", "--max-tokens", "8",
+                  "--max-context", "120"])  # fmt: skip
+    try:
+        t.read_until(r">>> ")
+        t.type("word " * 200 + "\n")
+        t.read_until(r"exceeds the context of 120; /reset to start over\]\n>>> ")
+        t.type("Hi\n")
+        t.read_until(r"\[8 tokens, [0-9.]+ tokens/s, length\]\n>>> ")
+        t.type("/stats\n")
+        assert "2 messages" in t.read_until(r">>> ")  # the refused message was not kept
+    finally:
+        t.close()
