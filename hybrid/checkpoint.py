@@ -8,6 +8,7 @@ shared private mapping (one copy of ~1 TB in memory, never two).
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -32,6 +33,11 @@ DTYPES = {
     "I8": torch.int8,
     "BOOL": torch.bool,
 }
+
+
+def tensor_nbytes(dtype: str, shape) -> int:
+    """Bytes of a tensor of safetensors dtype `dtype` (e.g. "F8_E4M3") and `shape`."""
+    return math.prod(shape) * DTYPES[dtype].itemsize
 
 
 class CheckpointError(RuntimeError):
@@ -77,14 +83,9 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             raise CheckpointError(f"{path}: tensor '{name}' has a malformed header entry") from None
         if dtype not in DTYPES:
             raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype {dtype}")
-        numel = 1
-        for d in shape:
-            numel *= d
-        itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
-        if end - begin != numel * itemsize:
-            raise CheckpointError(
-                f"{path}: tensor '{name}' spans {end - begin} bytes but {dtype}{list(shape)} needs {numel * itemsize}"
-            )
+        need = tensor_nbytes(dtype, shape)
+        if end - begin != need:
+            raise CheckpointError(f"{path}: tensor '{name}' spans {end - begin} bytes but {dtype}{list(shape)} needs {need}")
         if base + end > size:
             raise CheckpointError(
                 f"{path}: tensor '{name}' ends at byte {base + end} but the file has {size} bytes (truncated file)"

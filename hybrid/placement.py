@@ -11,7 +11,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .checkpoint import DTYPES, Checkpoint
+from .checkpoint import Checkpoint, tensor_nbytes
 from .config import ModelConfig
 from .schema import expected_tensors
 
@@ -76,11 +76,8 @@ def component_bytes(cfg: ModelConfig, dtypes: dict[str, str] | None = None) -> d
     sizes: dict[str, int] = {}
     for name, spec in expected_tensors(cfg).items():
         dtype = (dtypes or {}).get(name, spec.dtypes[0])
-        nbytes = DTYPES[dtype].itemsize
-        for d in spec.shape:
-            nbytes *= d
         key = _component_of(name)
-        sizes[key] = sizes.get(key, 0) + nbytes
+        sizes[key] = sizes.get(key, 0) + tensor_nbytes(dtype, spec.shape)
     return sizes
 
 

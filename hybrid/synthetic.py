@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from .bpe import write_tokenizer
 from .chat import CHAT_TEMPLATE
-from .checkpoint import DTYPES
+from .checkpoint import DTYPES, tensor_nbytes
 from .config import ModelConfig
 from .fp8 import FP8_MAX
 from .schema import Spec, expected_tensors
@@ -83,7 +83,7 @@ def write_checkpoint(out: str | Path, config: dict, seed: int = 0, shard_bytes: 
     shards: list[list[str]] = [[]]
     size = 0
     for name in names:  # plan shards up front: K2 names them model-000NN-of-000MM
-        nbytes = math.prod(specs[name].shape) * torch.empty((), dtype=DTYPES[specs[name].dtypes[0]]).element_size()
+        nbytes = tensor_nbytes(specs[name].dtypes[0], specs[name].shape)
         if shards[-1] and size + nbytes > shard_bytes:
             shards.append([])
             size = 0
