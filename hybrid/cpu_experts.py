@@ -1,6 +1,17 @@
-"""Routed experts computed on the CPU by the Numba fp8 kernels (cpu_kernels), one stacked copy per layer."""
+"""Routed experts computed on the CPU by the Numba fp8 kernels (cpu_kernels): stacked weights and the worker.
+
+The worker is one thread that runs every layer's expert kernels, so the thread driving the GPU can queue the
+shared expert while the CPU works. It also keeps Numba's parallel launches on a single thread (its default
+'workqueue' threading layer aborts when two threads launch parallel kernels at once).
+"""
 
 from __future__ import annotations
+
+import queue
+import threading
+import time
+import weakref
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -9,15 +20,33 @@ from cpu_kernels import ExpertStack, routed_moe
 
 from .checkpoint import Checkpoint
 from .model import MLP
+from .profile import PROFILE
 
 
 def _codes(t: torch.Tensor) -> np.ndarray:
     return t.view(torch.uint8).numpy().view(np.int8)
 
 
-def stack_experts(experts: list[MLP], ckpt: Checkpoint | None = None, names: list[str] | None = None) -> ExpertStack:
+def pin(array: np.ndarray) -> np.ndarray:
+    """Page-lock an existing host array so the GPU can read it by DMA; unregistered when the array dies.
+
+    Not torch's pin_memory=True: its caching host allocator rounds each block up to a power of two, so one
+    layer's 5.6 GB gate stack would take 8 GB. Registering the exact range in place costs nothing extra.
+    """
+    cudart = torch.cuda.cudart()
+    err = cudart.cudaHostRegister(array.ctypes.data, array.nbytes, 0)
+    if int(err) != 0:
+        raise RuntimeError(f"cudaHostRegister of {array.nbytes / 2**30:.2f} GiB failed (error {int(err)}): "
+                           "is the locked-memory limit (ulimit -l) too low?")  # fmt: skip
+    weakref.finalize(array, cudart.cudaHostUnregister, array.ctypes.data)
+    return array
+
+
+def stack_experts(experts: list[MLP], ckpt: Checkpoint | None = None, names: list[str] | None = None,
+                  pinned: bool = False) -> ExpertStack:  # fmt: skip
     """Copy a layer's experts into contiguous [E, rows, cols] arrays (the kernels' layout).
 
+    pinned: allocate page-locked memory, so the GPU can read the experts by DMA (long-prefill streaming).
     With `ckpt` and the experts' tensor `names`, the file pages just copied are released, so the weights live
     in RAM once: in the stack, not also in the page cache.
     """
@@ -30,22 +59,112 @@ def stack_experts(experts: list[MLP], ckpt: Checkpoint | None = None, names: lis
         for e, mlp in enumerate(experts):
             w = getattr(mlp, part)
             q[e], s[e] = _codes(w.q), w.scale.numpy()
-        arrays[part], arrays[part + "_s"] = q, s
+        arrays[part], arrays[part + "_s"] = (pin(q), pin(s)) if pinned else (q, s)
     if ckpt is not None and names:
         for name in names:
             ckpt.release(name)
     return ExpertStack(**arrays)
 
 
-class CpuExperts:
-    """RoutedExperts backend: x [T, H] fp32, ids [T, k], weights [T, k] -> [T, H] via the fused kernels."""
+def expert_flops(stack: ExpertStack, assignments: int) -> float:
+    """Multiply-adds x2 of `assignments` (token, expert) pairs through gate, up and down."""
+    return 2.0 * 3 * stack.gate.shape[1] * stack.hidden * assignments
 
-    def __init__(self, stack: ExpertStack):
-        self.stack = stack
 
-    def __call__(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        xn = np.ascontiguousarray(x.detach().float().numpy())
-        out = np.empty_like(xn)
-        routed_moe(xn, np.ascontiguousarray(idx.numpy(), dtype=np.int64),
-                   np.ascontiguousarray(w.detach().float().numpy()), self.stack, out)  # fmt: skip
-        return torch.from_numpy(out)
+@dataclass
+class _Job:
+    stack: ExpertStack
+    tokens: int
+    ready: torch.cuda.Event | None  # the device-to-host copies of the inputs are done
+    done: threading.Event
+    error: BaseException | None = None
+    seconds: float = 0.0
+
+
+class Pending:
+    """A submitted expert computation; result() blocks until the worker is done, then returns [T, H] on device."""
+
+    def __init__(self, worker: "ExpertWorker", job: _Job, out: torch.Tensor):
+        self._worker, self._job, self._out = worker, job, out
+
+    def result(self) -> torch.Tensor:
+        self._job.done.wait()
+        self._worker.busy = False
+        if self._job.error is not None:
+            raise RuntimeError("routed-expert worker failed") from self._job.error
+        if self._worker.device.type == "cpu":
+            return self._out.clone()  # the staging buffer is reused by the next job
+        return self._out.to(self._worker.device, non_blocking=True)
+
+
+class ExpertWorker:
+    """The CPU side of the hybrid step: one thread, pinned staging buffers, one job in flight.
+
+    On CUDA the inputs go down with async copies on the current stream and an event; the worker waits for that
+    event only, and the result comes back with an async copy queued on the same stream. Reusing the staging
+    buffers is safe because the stream is in order: the next job's inputs are queued after this job's output
+    copy, and the worker waits for them before writing the output buffer again.
+    """
+
+    def __init__(self, hidden: int, top_k: int, device: str | torch.device = "cpu", max_tokens: int = 64):
+        self.device = torch.device(device)
+        self.hidden, self.top_k, self.busy = hidden, top_k, False
+        self.cpu_seconds = 0.0  # kernel time, for the expert-path policy and the benchmarks
+        self.cpu_flops = 0.0
+        self._allocate(max_tokens)
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="hybrid-expert-worker", daemon=True)
+        self._thread.start()
+
+    def _allocate(self, tokens: int) -> None:
+        pinned = self.device.type == "cuda"
+        self.capacity = tokens
+        self._x = torch.empty(tokens, self.hidden, dtype=torch.float32, pin_memory=pinned)
+        self._idx = torch.empty(tokens, self.top_k, dtype=torch.int64, pin_memory=pinned)
+        self._w = torch.empty(tokens, self.top_k, dtype=torch.float32, pin_memory=pinned)
+        self._out = torch.empty(tokens, self.hidden, dtype=torch.float32, pin_memory=pinned)
+
+    def submit(self, stack: ExpertStack, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> Pending:
+        if self.busy:
+            raise RuntimeError("ExpertWorker.submit: the previous job's result() was not collected")
+        T = x.shape[0]
+        if T > self.capacity:
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()  # old buffers may still be in flight
+            self._allocate(max(T, 2 * self.capacity))
+        with PROFILE("expert copies"):
+            self._x[:T].copy_(x.detach(), non_blocking=True)
+            self._idx[:T].copy_(idx, non_blocking=True)
+            self._w[:T].copy_(w.detach(), non_blocking=True)
+            ready = None
+            if self.device.type == "cuda":
+                ready = torch.cuda.Event()
+                ready.record(torch.cuda.current_stream(self.device))
+        job = _Job(stack, T, ready, threading.Event())
+        self.busy = True
+        self._jobs.put(job)
+        return Pending(self, job, self._out[:T])
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                if job.ready is not None:
+                    job.ready.synchronize()
+                t0 = time.perf_counter()
+                T = job.tokens
+                routed_moe(self._x[:T].numpy(), self._idx[:T].numpy(), self._w[:T].numpy(), job.stack,
+                           self._out[:T].numpy())  # fmt: skip
+                job.seconds = time.perf_counter() - t0
+                self.cpu_seconds += job.seconds
+                self.cpu_flops += expert_flops(job.stack, T * self.top_k)
+                PROFILE.add("experts (CPU)", job.seconds)
+            except BaseException as e:  # handed to the caller by Pending.result()
+                job.error = e
+            job.done.set()
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=10)

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import psutil
 import torch
 
 from .checkpoint import Checkpoint
 from .config import ModelConfig
-from .loader import load_transformer, reference_experts
-from .model import KVCache, Transformer
+from .cpu_experts import ExpertWorker
+from .fp8 import Fp8Weight
+from .loader import load_transformer
+from .model import MLP, KVCache, LoopExperts, Transformer
+from .placement import Plan, PlanError, checkpoint_dtypes, parse_bytes, plan
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
@@ -26,66 +31,140 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def _resolve_device(device: str) -> torch.device:
+    dev = torch.device(device)
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch sees no CUDA device (torch.cuda.is_available() is False); "
+                         "use device='cpu'")  # fmt: skip
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
 class Engine:
-    def __init__(self, cfg: ModelConfig, model: Transformer, path: Path):
-        self.cfg, self.model, self.path = cfg, model, path
+    PREFILL_CHUNK = 2048  # tokens per prefill forward: bounds activation memory, fills the expert kernels
+
+    def __init__(self, cfg: ModelConfig, model: Transformer, path: Path, max_context: int | None = None,
+                 plan: Plan | None = None, worker: ExpertWorker | None = None):  # fmt: skip
+        self.cfg, self.model, self.path, self.plan, self.worker = cfg, model, path, plan, worker
+        self.device = model.device
+        self.max_context = max_context or cfg.max_position_embeddings
+        self.kv_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        if worker is not None:
+            weakref.finalize(self, worker.close)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str = "cpu", progress: bool = True,
+    def from_pretrained(cls, path: str | Path, device: str = "cpu", gpu_mem: int | str | None = None,
+                        host_mem: int | str | None = None, max_context: int | None = None, progress: bool = True,
                         experts: str = "cpu") -> "Engine":  # fmt: skip
         """Open a checkpoint directory (config.json + safetensors) after validating every tensor against the config.
 
+        device "cuda": attention, dense layer, shared experts, router, norms, lm_head and the KV cache on the GPU
+        (embeddings too when they fit), routed experts pinned in host RAM and computed by the CPU kernels; where
+        things go is decided by `placement.plan` from gpu_mem / host_mem (default: what is free now) and
+        max_context (default: the longest that fits). device "cpu": everything on the CPU, same code.
         experts: "cpu" (the Numba fp8 kernels) or "reference" (a plain per-expert torch loop, for debugging).
         """
-        if device != "cpu":
-            raise ValueError(f"device {device!r} is not supported yet; use device='cpu'")
         if experts not in ("cpu", "reference"):
             raise ValueError(f"experts must be 'cpu' or 'reference', got {experts!r}")
+        dev = _resolve_device(device)
         path = Path(path)
         cfg = ModelConfig.from_file(path)
         ckpt = Checkpoint(path)
-        factory = reference_experts
-        if experts == "cpu":
+        the_plan = None
+        if dev.type == "cuda":
+            free_gpu, _ = torch.cuda.mem_get_info(dev)
+            the_plan = plan(cfg, parse_bytes(gpu_mem) if gpu_mem else free_gpu,
+                            parse_bytes(host_mem) if host_mem else psutil.virtual_memory().available, max_context,
+                            dtypes=checkpoint_dtypes(path))  # fmt: skip
+            if the_plan.bytes_on("disk"):
+                raise PlanError("; ".join(the_plan.notes))
+            max_context = the_plan.kv_capacity_tokens
+
+        def place(name: str) -> torch.Tensor:
+            t = ckpt.get(name)
+            if the_plan is None or the_plan.device_of(name) != "gpu":
+                return t
+            on_gpu = t.to(dev)
+            ckpt.release(name)  # the GPU copy is the only one now
+            return on_gpu
+
+        worker = None
+        if experts == "reference":
+            def factory(layer, routed, names):
+                return LoopExperts([MLP(*(Fp8Weight(w.q.to(dev), w.scale.to(dev)) for w in (m.gate, m.up, m.down)))
+                                    for m in routed])  # fmt: skip
+        else:
             import cpu_kernels
 
-            from .cpu_experts import CpuExperts, stack_experts
-
             cpu_kernels.warmup()  # compiled once, then loaded from Numba's disk cache: no JIT wait later
+            worker = ExpertWorker(cfg.hidden_size, cfg.num_experts_per_tok, dev, cls.PREFILL_CHUNK)
+            factory = _hybrid_factory(ckpt, worker, dev)
+        model = load_transformer(ckpt, cfg, experts=factory, progress=progress, get=place)
+        return cls(cfg, model, path, max_context, the_plan, worker)
 
-            def factory(layer, routed, names):
-                return CpuExperts(stack_experts(routed, ckpt, names))
-
-        model = load_transformer(ckpt, cfg, experts=factory, progress=progress)
-        return cls(cfg, model, path)
-
-    def _check_ids(self, ids: list[int]) -> torch.Tensor:
+    def _check_ids(self, ids: list[int], new_tokens: int = 0) -> torch.Tensor:
         if not ids:
             raise ValueError("ids must hold at least one token")
         t = torch.tensor(ids, dtype=torch.long)
         if int(t.min()) < 0 or int(t.max()) >= self.cfg.vocab_size:
             raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size})")
+        if len(ids) + new_tokens > self.max_context:
+            raise ValueError(f"{len(ids)} prompt tokens + {new_tokens} new tokens exceed this engine's context of "
+                             f"{self.max_context} tokens")  # fmt: skip
         return t
 
+    def _cache(self, tokens: int) -> KVCache:
+        return KVCache(self.cfg, tokens, self.kv_dtype, self.device)
+
+    def _prefill(self, t: torch.Tensor, cache: KVCache, last_only: bool) -> torch.Tensor:
+        outs = []
+        for start in range(0, len(t), self.PREFILL_CHUNK):
+            chunk = t[start : start + self.PREFILL_CHUNK]
+            outs.append(self.model.forward(chunk, start, cache, last_only=last_only).float().cpu())
+        return outs[-1] if last_only else torch.cat(outs)
+
     def logits(self, ids: list[int]) -> torch.Tensor:
-        """Full causal forward: float32 logits [len(ids), vocab_size]."""
+        """Full causal forward: float32 logits [len(ids), vocab_size] on the CPU."""
         t = self._check_ids(ids)
-        return self.model.forward(t, 0, KVCache(self.cfg, len(ids)))
+        return self._prefill(t, self._cache(len(ids)), last_only=False)
 
     def generate(self, ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, stop_ids: Iterable[int] = ()) -> Iterator[int]:  # fmt: skip
         """Yield new token ids one at a time: prefill the prompt, then decode against the latent KV cache."""
-        t = self._check_ids(ids)
+        t = self._check_ids(ids, max(0, max_new_tokens))
         if max_new_tokens <= 0:
             return
         stop = set(stop_ids)
         generator = None if seed is None else torch.Generator().manual_seed(seed)
-        cache = KVCache(self.cfg, len(ids) + max_new_tokens)
-        logits = self.model.forward(t, 0, cache, last_only=True)[0]
+        cache = self._cache(len(ids) + max_new_tokens)
+        logits = self._prefill(t, cache, last_only=True)[0]
         pos = len(ids)
         for i in range(max_new_tokens):
             token = sample(logits, temperature, top_p, generator)
             yield token
             if token in stop or i == max_new_tokens - 1:
                 return
-            logits = self.model.forward(torch.tensor([token]), pos, cache, last_only=True)[0]
+            logits = self.model.forward(torch.tensor([token]), pos, cache, last_only=True)[0].float().cpu()
             pos += 1
+
+
+def _hybrid_factory(ckpt: Checkpoint, worker: ExpertWorker, dev: torch.device):
+    """Per MoE layer: stack the experts (pinned when a GPU may stream them), wrap them in the hybrid backend."""
+    from .cpu_experts import stack_experts
+    from .gpu_experts import HybridExperts, StagingBuffers, StreamedExperts, measure_rates
+
+    shared: dict = {}
+
+    def factory(layer, routed, names):
+        stack = stack_experts(routed, ckpt, names, pinned=dev.type == "cuda")
+        if dev.type != "cuda":
+            return HybridExperts(stack, worker)
+        if not shared:
+            shared["staging"] = StagingBuffers(stack, dev)
+            shared["rates"] = measure_rates(stack, worker, dev)
+        return HybridExperts(stack, worker, StreamedExperts(stack, dev, shared["staging"]), shared["rates"])
+
+    return factory

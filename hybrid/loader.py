@@ -53,9 +53,10 @@ def _tensor_names(mlp: str) -> list[str]:
 
 
 def load_transformer(ckpt: Checkpoint, cfg: ModelConfig, experts: ExpertsFactory = reference_experts,
-                     progress: bool = True) -> Transformer:  # fmt: skip
+                     progress: bool = True, get: Callable[[str], torch.Tensor] | None = None) -> Transformer:  # fmt: skip
+    """get(name) places one tensor (default: the mapped checkpoint tensor, where it is)."""
     specs = validate(ckpt, cfg)
-    take = TensorTaker(ckpt.get)
+    take = TensorTaker(get or ckpt.get)
     model = build_transformer(cfg, take, experts, progress)
     missed = specs.keys() - take.used
     if missed:

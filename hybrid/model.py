@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig, yarn_mscale
 from .fp8 import Fp8Weight
+from .profile import PROFILE
 
 
 def dense(w: Fp8Weight | torch.Tensor) -> torch.Tensor:
@@ -111,19 +112,18 @@ class Attention:
         if T == 1:  # absorbed decode: never expand the cache into per-head keys and values
             q_abs = torch.einsum("thd,hdc->thc", q_nope, w_kvb[:, :dn])
             scores = torch.einsum("thc,sc->hts", q_abs, c) + torch.einsum("thr,sr->hts", q_pe, pe)
-        else:  # prefill: expand the latents once per chunk
-            kvb = F.linear(c, w_kvb.view(-1, C)).view(end, nh, dn + dv)
-            k_nope, v = kvb[..., :dn], kvb[..., dn:]
-            scores = torch.einsum("thd,shd->hts", q_nope, k_nope) + torch.einsum("thr,sr->hts", q_pe, pe)
-        scores = scores * cfg.softmax_scale
-        if T > 1:
-            causal = torch.arange(end)[None, :] > torch.arange(start, end)[:, None]
-            scores = scores.masked_fill(causal, float("-inf"))
-        p = torch.softmax(scores, dim=-1, dtype=torch.float32)
-        if T == 1:
+            p = torch.softmax(scores * cfg.softmax_scale, dim=-1, dtype=torch.float32)
             out = torch.einsum("thc,hdc->thd", torch.einsum("hts,sc->thc", p, c), w_kvb[:, dn:])
-        else:
-            out = torch.einsum("hts,shd->thd", p, v)
+        else:  # prefill: expand the latents once per chunk, then fused attention (flash kernels on the GPU)
+            kvb = F.linear(c, w_kvb.view(-1, C)).view(end, nh, dn + dv)
+            k = torch.cat([kvb[..., :dn], pe[:, None].expand(end, nh, dr)], dim=-1)
+            q = torch.cat([q_nope, q_pe], dim=-1)
+            # SDPA's is_causal aligns the mask top-left, which is only right for a chunk starting at position 0
+            mask = None if start == 0 else (
+                torch.arange(end, device=x.device)[None, :] <= torch.arange(start, end, device=x.device)[:, None])
+            out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), kvb[..., dn:].transpose(0, 1),
+                                                 attn_mask=mask, is_causal=start == 0, scale=cfg.softmax_scale)
+            out = out.transpose(0, 1)
         return linear(out.reshape(T, nh * dv), self.o)
 
 
@@ -190,9 +190,18 @@ class MoE:
     shared: MLP | None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        idx, w = self.router(x)
-        y = self.experts(x, idx, w)
-        return y if self.shared is None else y + self.shared(x)
+        with PROFILE("router"):
+            idx, w = self.router(x)
+        submit = getattr(self.experts, "submit", None)
+        if submit is None:  # a synchronous backend
+            y = self.experts(x, idx, w)
+            return y if self.shared is None else y + self.shared(x)
+        pending = submit(x, idx, w)  # routed experts start on the CPU worker...
+        with PROFILE("shared expert"):
+            shared = None if self.shared is None else self.shared(x)  # ...while the shared expert runs here
+        with PROFILE("expert wait"):
+            y = pending.result()
+        return y if shared is None else y + shared
 
 
 @dataclass
@@ -204,15 +213,21 @@ class Block:
     eps: float
 
     def __call__(self, x, start, cache, cos, sin):
-        h = x + self.attn(rms_norm(x, self.attn_norm, self.eps), start, cache, cos, sin)
-        return h + self.ffn(rms_norm(h, self.ffn_norm, self.eps))
+        with PROFILE("attention"):
+            h = x + self.attn(rms_norm(x, self.attn_norm, self.eps), start, cache, cos, sin)
+        if isinstance(self.ffn, MoE):
+            return h + self.ffn(rms_norm(h, self.ffn_norm, self.eps))
+        with PROFILE("dense MLP"):
+            return h + self.ffn(rms_norm(h, self.ffn_norm, self.eps))
 
 
 class Transformer:
     def __init__(self, cfg: ModelConfig, embed: torch.Tensor, blocks: list[Block], norm: torch.Tensor,
                  lm_head: torch.Tensor):  # fmt: skip
         self.cfg, self.embed, self.blocks, self.norm, self.lm_head = cfg, embed, blocks, norm, lm_head
-        self.inv_freq, self.rope_mult = rope_frequencies(cfg)
+        self.device = norm.device  # where the blocks compute; the embedding table may stay in host RAM
+        inv_freq, self.rope_mult = rope_frequencies(cfg)
+        self.inv_freq = inv_freq.to(self.device)
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, start: int, cache: KVCache, last_only: bool = False) -> torch.Tensor:
@@ -224,11 +239,12 @@ class Transformer:
         T = ids.shape[0]
         if start + T > cache.capacity:
             raise ValueError(f"sequence of {start + T} tokens exceeds the KV cache capacity {cache.capacity}")
-        angles = torch.arange(start, start + T, dtype=torch.float32)[:, None] * self.inv_freq
+        angles = torch.arange(start, start + T, dtype=torch.float32, device=self.device)[:, None] * self.inv_freq
         cos, sin = angles.cos() * self.rope_mult, angles.sin() * self.rope_mult
-        x = self.embed[ids].float()
+        x = self.embed[ids.to(self.embed.device)].float().to(self.device)
         for block in self.blocks:
             x = block(x, start, cache, cos, sin)
         if last_only:
             x = x[-1:]
-        return linear(rms_norm(x, self.norm, self.cfg.rms_norm_eps), self.lm_head)
+        with PROFILE("lm_head"):
+            return linear(rms_norm(x, self.norm, self.cfg.rms_norm_eps), self.lm_head)

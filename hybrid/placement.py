@@ -56,6 +56,11 @@ class Plan:
     host_read_gbs: float
     notes: tuple[str, ...] = field(default=())
 
+    def device_of(self, tensor: str) -> str:
+        """Where a checkpoint tensor lives: "gpu", "host" or "disk"."""
+        component = _component_of(tensor)
+        return next((c.device for c in self.components if c.name == component), "gpu")
+
     def bytes_on(self, device: str) -> int:
         return sum(c.nbytes for c in self.components if c.device == device)
 
@@ -99,16 +104,21 @@ def _component_of(name: str) -> str:
     return "norms"
 
 
-def plan(cfg: ModelConfig, gpu_mem: int, host_mem: int, context: int, host_read_gbs: float = 0.0,
+def plan(cfg: ModelConfig, gpu_mem: int, host_mem: int, context: int | None, host_read_gbs: float = 0.0,
          dtypes: dict[str, str] | None = None) -> Plan:  # fmt: skip
-    """Place everything; raise PlanError when the GPU part cannot fit."""
+    """Place everything; raise PlanError when the GPU part cannot fit.
+
+    context None: the longest context whose KV cache fits beside the weights (at most max_position_embeddings).
+    """
+    sizes = component_bytes(cfg, dtypes)
+    if context is None:
+        context = _longest_context(cfg, gpu_mem, sizes)
     if context <= 0:
         raise PlanError(f"context must be positive, got {context}")
     if context > cfg.max_position_embeddings:
         raise PlanError(f"context {context} exceeds the model's max_position_embeddings {cfg.max_position_embeddings}")
-    sizes = component_bytes(cfg, dtypes)
-    kv_per_token = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * KV_BYTES
-    gpu_parts = [k for k in ("attention (MLA)", "shared experts", "dense MLP", "router", "norms", "lm_head") if k in sizes]
+    kv_per_token = _kv_per_token(cfg)
+    gpu_parts = _gpu_parts(sizes)
     gpu_need = sum(sizes[k] for k in gpu_parts) + kv_per_token * context + GPU_RESERVE
     if gpu_need > gpu_mem:
         detail = ", ".join(f"{k} {_gib(sizes[k])}" for k in gpu_parts)
@@ -143,6 +153,19 @@ def plan(cfg: ModelConfig, gpu_mem: int, host_mem: int, context: int, host_read_
         routed_bytes_per_token=per_expert * cfg.num_experts_per_tok * n_moe, host_read_gbs=host_read_gbs,
         notes=tuple(notes),
     )  # fmt: skip
+
+
+def _gpu_parts(sizes: dict[str, int]) -> list[str]:
+    return [k for k in ("attention (MLA)", "shared experts", "dense MLP", "router", "norms", "lm_head") if k in sizes]
+
+
+def _kv_per_token(cfg: ModelConfig) -> int:
+    return cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * KV_BYTES
+
+
+def _longest_context(cfg: ModelConfig, gpu_mem: int, sizes: dict[str, int]) -> int:
+    free = gpu_mem - GPU_RESERVE - sum(sizes[k] for k in _gpu_parts(sizes))
+    return min(cfg.max_position_embeddings, max(1, free // _kv_per_token(cfg)))  # 1 token: let plan() say why
 
 
 def checkpoint_dtypes(path: str | Path) -> dict[str, str]:

@@ -57,9 +57,19 @@ def test_bad_ids_are_refused(engine):
         next(engine.generate([-1], 4))
 
 
-def test_device_other_than_cpu_is_refused_clearly(tiny):
-    with pytest.raises(ValueError, match="not supported yet"):
-        Engine.from_pretrained(tiny, device="cuda", progress=False)
+def test_unknown_or_missing_devices_are_refused_clearly(tiny):
+    with pytest.raises(ValueError, match="'cpu' or 'cuda'"):
+        Engine.from_pretrained(tiny, device="mps", progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            Engine.from_pretrained(tiny, device="cuda", progress=False)
+
+
+def test_max_context_bounds_prompt_plus_new_tokens(tiny):
+    small = Engine.from_pretrained(tiny, progress=False, max_context=16)
+    assert len(list(small.generate(list(range(10)), 6))) == 6
+    with pytest.raises(ValueError, match="exceed this engine's context of 16"):
+        next(small.generate(list(range(10)), 7))
 
 
 def test_tokenizer_files_follow_k2(tiny):
@@ -119,14 +129,21 @@ def test_make_checkpoint_script(tmp_path):
 
 
 def test_engine_uses_the_cpu_kernels_and_matches_the_reference_loop(tiny):
-    from hybrid.cpu_experts import CpuExperts
+    from hybrid.gpu_experts import HybridExperts
+    from hybrid.profile import PROFILE
 
     fast = Engine.from_pretrained(tiny, progress=False)
     slow = Engine.from_pretrained(tiny, progress=False, experts="reference")
-    assert isinstance(fast.model.blocks[1].ffn.experts, CpuExperts)
+    assert isinstance(fast.model.blocks[1].ffn.experts, HybridExperts)
     ids = list(range(3, 40))
-    a, b = fast.logits(ids), slow.logits(ids)
+    PROFILE.start()
+    a = fast.logits(ids)
+    phases = PROFILE.stop()
+    b = slow.logits(ids)
     assert float((a - b).abs().max() / b.abs().max()) <= 1e-5
+    # the routed experts ran on the worker thread, once per MoE layer, overlapped with the shared expert
+    assert PROFILE.calls["experts (CPU)"] == 2 and PROFILE.calls["shared expert"] == 2
+    assert phases["experts (CPU)"] > 0 and fast.model.blocks[1].ffn.experts.last_path == "cpu"
 
 
 def test_released_expert_pages_still_read_back_correctly(tiny):

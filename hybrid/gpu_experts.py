@@ -1,0 +1,155 @@
+"""Routed experts on the compute device, for long prefill: each used expert's fp8 weights are streamed from the
+pinned host stack over PCIe, double-buffered, while the previous expert computes. Also the per-chunk choice
+between this path and the CPU kernels, and the per-layer backend that applies it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cpu_kernels import ExpertStack
+
+from .cpu_experts import ExpertWorker, expert_flops
+from .fp8 import Fp8Weight
+from .model import MLP
+from .profile import PROFILE
+
+PARTS = ("gate", "up", "down")
+MIN_STREAM_TOKENS = 64  # below this the CPU always wins (and deciding would cost a device sync per layer)
+
+
+class StagingBuffers:
+    """Two device-side slots, each holding one expert's fp8 codes and scales; shared by all layers."""
+
+    def __init__(self, stack: ExpertStack, device: torch.device):
+        self.slots = [{name: torch.empty(getattr(stack, name).shape[1:], device=device,
+                                         dtype=torch.int8 if not name.endswith("_s") else torch.float32)
+                       for part in PARTS for name in (part, part + "_s")} for _ in range(2)]  # fmt: skip
+
+
+class StreamedExperts:
+    """RoutedExperts backend computing on `device` with weights copied in per used expert."""
+
+    def __init__(self, stack: ExpertStack, device: str | torch.device, staging: StagingBuffers | None = None):
+        self.stack, self.device = stack, torch.device(device)
+        self.host = {name: torch.from_numpy(getattr(stack, name)) for part in PARTS for name in (part, part + "_s")}
+        self.staging = staging or StagingBuffers(stack, self.device)
+
+    def _load(self, slot: dict, e: int) -> None:
+        for name, dst in slot.items():
+            dst.copy_(self.host[name][e], non_blocking=True)
+
+    def __call__(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        k = idx.shape[1]
+        flat = idx.reshape(-1).cpu().numpy()
+        order = np.argsort(flat, kind="stable")  # (token, slot) pairs grouped by expert
+        used, counts = np.unique(flat, return_counts=True)
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        order_t = torch.from_numpy(order).to(self.device)
+        rows_all, slot_all = order_t // k, order_t % k
+        out = torch.zeros_like(x)
+        cuda = self.device.type == "cuda"
+        copy_stream = torch.cuda.Stream(self.device) if cuda else None
+        compute = torch.cuda.current_stream(self.device) if cuda else None
+        loaded, freed = [None] * len(used), [None, None]
+
+        def start_load(i: int) -> None:
+            slot = self.staging.slots[i % 2]
+            if not cuda:
+                self._load(slot, int(used[i]))
+                return
+            with torch.cuda.stream(copy_stream):
+                if freed[i % 2] is not None:
+                    copy_stream.wait_event(freed[i % 2])  # the expert that used this slot has finished
+                self._load(slot, int(used[i]))
+                loaded[i] = torch.cuda.Event()
+                loaded[i].record(copy_stream)
+
+        with PROFILE("experts (device)"):
+            if len(used):
+                start_load(0)
+            for i, e in enumerate(used):
+                if cuda:
+                    compute.wait_event(loaded[i])
+                if i + 1 < len(used):
+                    start_load(i + 1)  # overlaps with this expert's compute
+                s = self.staging.slots[i % 2]
+                mlp = MLP(*(Fp8Weight(s[p].view(torch.float8_e4m3fn), s[p + "_s"]) for p in PARTS))
+                rows, slots = rows_all[bounds[i]:bounds[i + 1]], slot_all[bounds[i]:bounds[i + 1]]
+                out.index_add_(0, rows, mlp(x[rows]) * w[rows, slots, None])
+                if cuda:
+                    freed[i % 2] = torch.cuda.Event()
+                    freed[i % 2].record(compute)
+        return out
+
+
+@dataclass
+class ExpertRates:
+    """Rates the long-prefill choice is made from, measured once when the engine loads."""
+
+    cpu_flops_per_s: float
+    pcie_bytes_per_s: float
+
+
+def stream_is_faster(tokens: int, top_k: int, distinct: int, stack: ExpertStack, rates: ExpertRates) -> bool:
+    """GPU time ~ bytes of the distinct experts over PCIe (its compute hides behind the copies);
+    CPU time ~ the chunk's expert FLOPs at the measured CPU rate."""
+    cpu_s = expert_flops(stack, tokens * top_k) / rates.cpu_flops_per_s
+    gpu_s = distinct * stack.expert_bytes() / rates.pcie_bytes_per_s
+    return gpu_s < cpu_s
+
+
+class _Done:
+    def __init__(self, value: torch.Tensor):
+        self.value = value
+
+    def result(self) -> torch.Tensor:
+        return self.value
+
+
+class HybridExperts:
+    """One MoE layer's routed experts: the CPU worker by default; streamed to the GPU for long chunks when the
+    measured rates say that is faster. `submit` returns at once with something whose result() is the output."""
+
+    def __init__(self, stack: ExpertStack, worker: ExpertWorker, streamed: StreamedExperts | None = None,
+                 rates: ExpertRates | None = None):  # fmt: skip
+        self.stack, self.worker, self.streamed, self.rates = stack, worker, streamed, rates
+        self.last_path = "cpu"
+
+    def submit(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor):
+        T, k = idx.shape
+        if self.streamed is not None and self.rates is not None and T >= MIN_STREAM_TOKENS:
+            distinct = int(torch.unique(idx).numel())
+            if stream_is_faster(T, k, distinct, self.stack, self.rates):
+                self.last_path = "device"
+                return _Done(self.streamed(x, idx, w))
+        self.last_path = "cpu"
+        return self.worker.submit(self.stack, x, idx, w)
+
+    def __call__(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return self.submit(x, idx, w).result()
+
+
+def measure_rates(stack: ExpertStack, worker: ExpertWorker, device: torch.device, tokens: int = 128) -> ExpertRates:
+    """PCIe: a pinned-to-device copy of a few experts' gate weights; CPU: one prefill-sized job on the worker."""
+    src = torch.from_numpy(stack.gate[: min(stack.num_experts, 8)])
+    dst = torch.empty(src.shape, dtype=src.dtype, device=device)
+    seconds = []
+    for _ in range(2):  # the first copy also pays for lazy initialisation
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src, non_blocking=True)
+        end.record()
+        end.synchronize()
+        seconds.append(start.elapsed_time(end) / 1e3)
+    k = worker.top_k
+    g = torch.Generator().manual_seed(0)
+    idx = torch.stack([torch.randperm(stack.num_experts, generator=g)[:k] for _ in range(tokens)])
+    x = torch.randn(tokens, stack.hidden, generator=g)
+    before = worker.cpu_seconds
+    worker.submit(stack, x.to(device), idx.to(device), torch.full((tokens, k), 1.0 / k, device=device)).result()
+    cpu_s = worker.cpu_seconds - before
+    return ExpertRates(cpu_flops_per_s=expert_flops(stack, tokens * k) / cpu_s, pcie_bytes_per_s=src.nbytes / seconds[-1])

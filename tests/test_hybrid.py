@@ -1,0 +1,152 @@
+"""The hybrid step: the CPU-expert worker (submit / result), the streamed device-expert path and the choice between
+them, the planner's defaults, and (on a CUDA machine) the GPU engine against the CPU engine."""
+
+import numpy as np
+import pytest
+import torch
+from test_cpu_kernels import make_stack, relative_error, route
+
+from cpu_kernels import reference_moe
+from hybrid import Engine
+from hybrid.config import ModelConfig
+from hybrid.cpu_experts import ExpertWorker, expert_flops
+from hybrid.gpu_experts import MIN_STREAM_TOKENS, ExpertRates, HybridExperts, StreamedExperts, stream_is_faster
+from hybrid.placement import GiB, PlanError, plan
+from hybrid.presets import KIMI_K2_INSTRUCT
+
+TOL = 1e-5
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="module")
+def stack():
+    return make_stack(E=12, hidden=384, inter=256, seed=3)
+
+
+@pytest.fixture(scope="module")
+def worker():
+    w = ExpertWorker(hidden=384, top_k=4, max_tokens=8)
+    yield w
+    w.close()
+
+
+def inputs(T: int, seed: int):
+    ids, weights = route(T, 12, 4, seed)
+    x = np.random.default_rng(seed).standard_normal((T, 384)).astype(np.float32)
+    return x, ids, weights
+
+
+@pytest.mark.parametrize("T", [1, 3, 37])  # decode kernel, and a chunk that outgrows the staging buffers
+def test_worker_results_match_the_float64_reference(stack, worker, T):
+    x, ids, weights = inputs(T, T)
+    pending = worker.submit(stack, torch.from_numpy(x), torch.from_numpy(ids), torch.from_numpy(weights))
+    out = pending.result().numpy()
+    assert relative_error(out, reference_moe(x, ids, weights, stack)) <= TOL
+    # the staging buffer is reused by the next job: an earlier result must not change under it
+    kept = out.copy()
+    worker.submit(stack, torch.from_numpy(x * 2), torch.from_numpy(ids), torch.from_numpy(weights)).result()
+    assert np.array_equal(out, kept)
+
+
+def test_worker_errors_reach_the_caller_and_the_worker_goes_on(stack, worker):
+    x, ids, weights = inputs(2, 5)
+    bad = ids.copy()
+    bad[0, 0] = 99
+    pending = worker.submit(stack, torch.from_numpy(x), torch.from_numpy(bad), torch.from_numpy(weights))
+    with pytest.raises(RuntimeError, match="worker failed") as info:
+        pending.result()
+    assert "out of range" in str(info.value.__cause__)
+    good = worker.submit(stack, torch.from_numpy(x), torch.from_numpy(ids), torch.from_numpy(weights)).result()
+    assert relative_error(good.numpy(), reference_moe(x, ids, weights, stack)) <= TOL
+
+
+def test_a_second_submit_before_the_result_is_refused(stack, worker):
+    x, ids, weights = (torch.from_numpy(a) for a in inputs(1, 6))
+    pending = worker.submit(stack, x, ids, weights)
+    with pytest.raises(RuntimeError, match="not collected"):
+        worker.submit(stack, x, ids, weights)
+    pending.result()
+
+
+def test_streamed_experts_give_the_same_numbers_as_the_cpu_kernels(stack, worker):
+    x, ids, weights = inputs(70, 7)
+    streamed = StreamedExperts(stack, "cpu")(torch.from_numpy(x), torch.from_numpy(ids), torch.from_numpy(weights))
+    assert relative_error(streamed.numpy(), reference_moe(x, ids, weights, stack)) <= TOL
+
+
+def test_the_path_choice_follows_the_measured_rates(stack, worker):
+    T, k = 128, 4
+    flops, nbytes = expert_flops(stack, T * k), 10 * stack.expert_bytes()
+    # the CPU needs flops / rate seconds; the copy path needs the bytes of the 10 distinct experts over PCIe
+    slow_pcie = ExpertRates(cpu_flops_per_s=flops / 1.0, pcie_bytes_per_s=nbytes / 2.0)
+    fast_pcie = ExpertRates(cpu_flops_per_s=flops / 1.0, pcie_bytes_per_s=nbytes / 0.5)
+    assert not stream_is_faster(T, k, 10, stack, slow_pcie)
+    assert stream_is_faster(T, k, 10, stack, fast_pcie)
+
+    always_stream = ExpertRates(cpu_flops_per_s=1.0, pcie_bytes_per_s=1e30)
+    layer = HybridExperts(stack, worker, StreamedExperts(stack, "cpu"), always_stream)
+    for T in (MIN_STREAM_TOKENS - 1, MIN_STREAM_TOKENS):
+        x, ids, weights = inputs(T, T)
+        out = layer(torch.from_numpy(x), torch.from_numpy(ids), torch.from_numpy(weights))
+        assert layer.last_path == ("cpu" if T < MIN_STREAM_TOKENS else "device")
+        assert relative_error(out.numpy(), reference_moe(x, ids, weights, stack)) <= TOL
+
+
+def test_plan_picks_the_longest_context_that_fits_and_places_tensors():
+    k2 = ModelConfig.from_dict(KIMI_K2_INSTRUCT)
+    p = plan(k2, 20 * GiB, 1100 * GiB, None)
+    assert 80_000 < p.context < k2.max_position_embeddings and 0 <= p.gpu_free_for_expert_cache < p.kv_bytes_per_token
+    with pytest.raises(PlanError, match="short by"):
+        plan(k2, 20 * GiB, 1100 * GiB, p.context + 1)
+    assert plan(k2, 80 * GiB, 1100 * GiB, None).context == k2.max_position_embeddings
+    assert p.device_of("model.layers.3.mlp.experts.17.up_proj.weight") == "host"
+    assert p.device_of("model.layers.3.self_attn.kv_b_proj.weight_scale_inv") == "gpu"
+    assert p.device_of("model.layers.3.mlp.shared_experts.down_proj.weight") == "gpu"
+
+
+# ---- GPU: run on the CUDA machine (skipped cleanly elsewhere) ----
+
+
+@cuda
+def test_gpu_engine_matches_the_cpu_engine(tiny):
+    gpu = Engine.from_pretrained(tiny, device="cuda", progress=False, max_context=256)
+    cpu = Engine.from_pretrained(tiny, progress=False)
+    assert gpu.model.blocks[0].attn.q_b.q.is_cuda and gpu.model.blocks[1].ffn.experts.stack.gate.ctypes.data
+    assert torch.from_numpy(gpu.model.blocks[1].ffn.experts.stack.gate).is_pinned()
+    ids = list(range(5, 60))
+    a, b = gpu.logits(ids), cpu.logits(ids)
+    assert float((a - b).abs().max() / b.abs().max()) <= 2e-2
+    # greedy decode: equal tokens while the CPU run's top-2 margin is clear of bf16 noise
+    prompt = [7, 8, 9]
+    ours, theirs = list(gpu.generate(prompt, 32)), list(cpu.generate(prompt, 32))
+    for step, (x, y) in enumerate(zip(ours, theirs)):
+        if x != y:
+            top2 = cpu.logits(prompt + theirs[:step])[-1].topk(2).values
+            assert float(top2[0] - top2[1]) < 2e-2 * float(top2.abs().max()), f"diverged at step {step}"
+            break
+
+
+@cuda
+def test_gpu_streamed_experts_and_worker_match_the_reference(stack):
+    x, ids, weights = inputs(96, 11)
+    dev = torch.device("cuda")
+    args = (torch.from_numpy(x).to(dev), torch.from_numpy(ids).to(dev), torch.from_numpy(weights).to(dev))
+    streamed = StreamedExperts(stack, dev)(*args).cpu().numpy()
+    ref = reference_moe(x, ids, weights, stack)
+    assert relative_error(streamed, ref) <= TOL
+    w = ExpertWorker(hidden=384, top_k=4, device=dev, max_tokens=16)  # grows to 96 on the way
+    out = w.submit(stack, *args).result()
+    assert out.is_cuda and relative_error(out.cpu().numpy(), ref) <= TOL
+    w.close()
+
+
+@cuda
+def test_gpu_long_prefill_path_gives_the_same_logits(tiny):
+    gpu = Engine.from_pretrained(tiny, device="cuda", progress=False, max_context=512)
+    ids = [(i * 37) % 700 for i in range(300)]
+    base = gpu.logits(ids)
+    for block in gpu.model.blocks[1:]:
+        block.ffn.experts.rates = ExpertRates(cpu_flops_per_s=1.0, pcie_bytes_per_s=1e30)  # force streaming
+    streamed = gpu.logits(ids)
+    assert gpu.model.blocks[1].ffn.experts.last_path == "device"
+    assert float((streamed - base).abs().max() / base.abs().max()) <= 1e-3
