@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,19 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cpu_kernels import ExpertStack, reference_moe, routed_moe, warmup  # noqa: E402
 from hybrid.fp8 import dequantize  # noqa: E402
 from cpu_kernels.stream import read_bandwidth  # noqa: E402
-import numba  # noqa: E402
+from common import RESULTS, append_result, machine  # noqa: E402
 
 H, I, TOPK, VIRTUAL_EXPERTS = 7168, 2048, 8, 384
 BASES = 4  # distinct weight contents, copied into every expert slot (values repeat, addresses do not)
-
-
-def machine() -> dict:
-    model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    flags = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
-    return {"cpu": model, "amx": "amx_bf16" in flags, "threads": numba.get_num_threads(), "host": platform.node(),
-            "torch": torch.__version__, "numba": numba.__version__, "commit": commit or None}  # fmt: skip
 
 
 def build(n_experts: int, rng) -> tuple[ExpertStack, list]:
@@ -141,7 +130,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="48 experts, fewer repeats (2-core box, < 40 s)")
     p.add_argument("--experts", type=int, help="physical experts (default 384, or 48 with --quick)")
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cpu_experts.jsonl")
+    p.add_argument("--out", type=Path, default=RESULTS / "cpu_experts.jsonl")
     args = p.parse_args()
     t_start = time.perf_counter()
     n_experts = args.experts or (48 if args.quick else VIRTUAL_EXPERTS)
@@ -166,10 +155,8 @@ def main() -> None:
         rows.append({"case": f"prefill_{T}", "gflops": round(ours, 1), "torch_bf16_gflops": round(theirs, 1),
                      "ratio_vs_torch": round(ours / theirs, 2), "seconds": round(secs, 3)})  # fmt: skip
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a") as f:
-        for row in rows:
-            f.write(json.dumps({"time": stamp, "quick": args.quick, "experts": n_experts, **info, **row}) + "\n")
+    for row in rows:
+        append_result(args.out, {"time": stamp, "quick": args.quick, "experts": n_experts, **info, **row})
     print(f"{info['cpu']} ({'AMX' if info['amx'] else 'no AMX'}), {info['threads']} threads; "
           f"validation max relative error {err:.1e}")
     print(f"{'case':<14}{'result':>44}")

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .decode import moe_decode
+from .dequant import dequantize_into
+from .linear import bf16_linear, fp8_linear
 from .prefill import moe_prefill
 
 DECODE_MAX_TOKENS = 4  # up to here the fused decode kernel; beyond, the grouped GEMM
@@ -123,6 +125,9 @@ def warmup(hidden: int = 256, inter: int = 128) -> None:
     nb_h, nb_i = -(-hidden // 128), -(-inter // 128)
     stack = ExpertStack(codes(E, inter, hidden), scales(E, nb_i, nb_h), codes(E, inter, hidden), scales(E, nb_i, nb_h),
                         codes(E, hidden, inter), scales(E, nb_h, nb_i))  # fmt: skip
+    dequantize_into(stack.gate[0], stack.gate_s[0], np.empty(stack.gate.shape[1:], np.float32))
+    fp8_linear(np.ones((1, hidden), np.float32), stack.gate[0], stack.gate_s[0], np.empty((1, inter), np.float32))
+    bf16_linear(np.ones((1, 8), np.float32), np.ones((4, 8), np.int16), np.empty((1, 4), np.float32))
     for T in (1, DECODE_MAX_TOKENS + 1):
         x = rng.standard_normal((T, hidden)).astype(np.float32)
         ids = np.tile(np.arange(2, dtype=np.int64), (T, 1))

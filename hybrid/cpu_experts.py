@@ -18,7 +18,7 @@ import torch
 
 from cpu_kernels import ExpertStack, routed_moe
 
-from .checkpoint import Checkpoint
+from .loader import TensorSource
 from .model import MLP
 from .profile import PROFILE
 
@@ -42,12 +42,12 @@ def pin(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def stack_experts(experts: list[MLP], ckpt: Checkpoint | None = None, names: list[str] | None = None,
+def stack_experts(experts: list[MLP], source: TensorSource | None = None, names: list[str] | None = None,
                   pinned: bool = False) -> ExpertStack:  # fmt: skip
     """Copy a layer's experts into contiguous [E, rows, cols] arrays (the kernels' layout).
 
     pinned: allocate page-locked memory, so the GPU can read the experts by DMA (long-prefill streaming).
-    With `ckpt` and the experts' tensor `names`, the file pages just copied are released, so the weights live
+    With a checkpoint `source` and the experts' tensor `names`, the file pages just copied are released, so the weights live
     in RAM once: in the stack, not also in the page cache.
     """
     first = experts[0]
@@ -60,9 +60,9 @@ def stack_experts(experts: list[MLP], ckpt: Checkpoint | None = None, names: lis
             w = getattr(mlp, part)
             q[e], s[e] = _codes(w.q), w.scale.numpy()
         arrays[part], arrays[part + "_s"] = (pin(q), pin(s)) if pinned else (q, s)
-    if ckpt is not None and names:
+    if source is not None and names:
         for name in names:
-            ckpt.release(name)
+            source.release(name)
     return ExpertStack(**arrays)
 
 
@@ -106,15 +106,21 @@ class ExpertWorker:
     copy, and the worker waits for them before writing the output buffer again.
     """
 
-    def __init__(self, hidden: int, top_k: int, device: str | torch.device = "cpu", max_tokens: int = 64):
+    def __init__(self, hidden: int, top_k: int, device: str | torch.device = "cpu", max_tokens: int = 64,
+                 threaded: bool | None = None):  # fmt: skip
+        """threaded (default: only with a GPU) runs jobs on the worker thread. With everything on the CPU there is
+        nothing to overlap: the shared expert and the routed experts would only fight over the same cores."""
         self.device = torch.device(device)
+        self.threaded = self.device.type == "cuda" if threaded is None else threaded
         self.hidden, self.top_k, self.busy = hidden, top_k, False
         self.cpu_seconds = 0.0  # kernel time, for the expert-path policy and the benchmarks
         self.cpu_flops = 0.0
         self._allocate(max_tokens)
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="hybrid-expert-worker", daemon=True)
-        self._thread.start()
+        self._thread = None
+        if self.threaded:
+            self._thread = threading.Thread(target=self._run, name="hybrid-expert-worker", daemon=True)
+            self._thread.start()
 
     def _allocate(self, tokens: int) -> None:
         pinned = self.device.type == "cuda"
@@ -142,29 +148,33 @@ class ExpertWorker:
                 ready.record(torch.cuda.current_stream(self.device))
         job = _Job(stack, T, ready, threading.Event())
         self.busy = True
-        self._jobs.put(job)
+        if self.threaded:
+            self._jobs.put(job)
+        else:
+            self._execute(job)
         return Pending(self, job, self._out[:T])
 
     def _run(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            try:
-                if job.ready is not None:
-                    job.ready.synchronize()
-                t0 = time.perf_counter()
-                T = job.tokens
-                routed_moe(self._x[:T].numpy(), self._idx[:T].numpy(), self._w[:T].numpy(), job.stack,
-                           self._out[:T].numpy())  # fmt: skip
-                job.seconds = time.perf_counter() - t0
-                self.cpu_seconds += job.seconds
-                self.cpu_flops += expert_flops(job.stack, T * self.top_k)
-                PROFILE.add("experts (CPU)", job.seconds)
-            except BaseException as e:  # handed to the caller by Pending.result()
-                job.error = e
-            job.done.set()
+        while (job := self._jobs.get()) is not None:
+            self._execute(job)
+
+    def _execute(self, job: _Job) -> None:
+        try:
+            if job.ready is not None:
+                job.ready.synchronize()
+            t0 = time.perf_counter()
+            T = job.tokens
+            routed_moe(self._x[:T].numpy(), self._idx[:T].numpy(), self._w[:T].numpy(), job.stack,
+                       self._out[:T].numpy())  # fmt: skip
+            job.seconds = time.perf_counter() - t0
+            self.cpu_seconds += job.seconds
+            self.cpu_flops += expert_flops(job.stack, T * self.top_k)
+            PROFILE.add("experts (CPU)", job.seconds)
+        except BaseException as e:  # handed to the caller by Pending.result()
+            job.error = e
+        job.done.set()
 
     def close(self) -> None:
-        self._jobs.put(None)
-        self._thread.join(timeout=10)
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join(timeout=10)

@@ -13,9 +13,10 @@ from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .cpu_experts import ExpertWorker
 from .fp8 import Fp8Weight
-from .loader import load_transformer
+from .loader import TensorSource, assemble
 from .model import MLP, KVCache, LoopExperts, Transformer
-from .placement import Plan, PlanError, checkpoint_dtypes, parse_bytes, plan
+from .placement import Plan, PlanError, parse_bytes, plan
+from .schema import validate
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
@@ -46,7 +47,7 @@ def _resolve_device(device: str) -> torch.device:
 class Engine:
     PREFILL_CHUNK = 2048  # tokens per prefill forward: bounds activation memory, fills the expert kernels
 
-    def __init__(self, cfg: ModelConfig, model: Transformer, path: Path, max_context: int | None = None,
+    def __init__(self, cfg: ModelConfig, model: Transformer, path: Path | None, max_context: int | None = None,
                  plan: Plan | None = None, worker: ExpertWorker | None = None):  # fmt: skip
         self.cfg, self.model, self.path, self.plan, self.worker = cfg, model, path, plan, worker
         self.device = model.device
@@ -67,28 +68,38 @@ class Engine:
         max_context (default: the longest that fits). device "cpu": everything on the CPU, same code.
         experts: "cpu" (the Numba fp8 kernels) or "reference" (a plain per-expert torch loop, for debugging).
         """
-        if experts not in ("cpu", "reference"):
-            raise ValueError(f"experts must be 'cpu' or 'reference', got {experts!r}")
-        dev = _resolve_device(device)
         path = Path(path)
         cfg = ModelConfig.from_file(path)
         ckpt = Checkpoint(path)
+        validate(ckpt, cfg)
+        dtypes = {name: info.dtype for name, info in ckpt.tensors.items()}
+        return cls.from_tensors(cfg, ckpt, device, gpu_mem, host_mem, max_context, progress, experts, dtypes, path)
+
+    @classmethod
+    def from_tensors(cls, cfg: ModelConfig, source: TensorSource, device: str = "cpu",
+                     gpu_mem: int | str | None = None, host_mem: int | str | None = None,
+                     max_context: int | None = None, progress: bool = True, experts: str = "cpu",
+                     dtypes: dict[str, str] | None = None, path: Path | None = None) -> "Engine":  # fmt: skip
+        """Build from any source of checkpoint-named tensors (a Checkpoint, or synthetic weights made on demand)."""
+        if experts not in ("cpu", "reference"):
+            raise ValueError(f"experts must be 'cpu' or 'reference', got {experts!r}")
+        dev = _resolve_device(device)
         the_plan = None
         if dev.type == "cuda":
             free_gpu, _ = torch.cuda.mem_get_info(dev)
             the_plan = plan(cfg, parse_bytes(gpu_mem) if gpu_mem else free_gpu,
                             parse_bytes(host_mem) if host_mem else psutil.virtual_memory().available, max_context,
-                            dtypes=checkpoint_dtypes(path))  # fmt: skip
+                            dtypes=dtypes)  # fmt: skip
             if the_plan.bytes_on("disk"):
                 raise PlanError("; ".join(the_plan.notes))
             max_context = the_plan.kv_capacity_tokens
 
         def place(name: str) -> torch.Tensor:
-            t = ckpt.get(name)
+            t = source.get(name)
             if the_plan is None or the_plan.device_of(name) != "gpu":
                 return t
             on_gpu = t.to(dev)
-            ckpt.release(name)  # the GPU copy is the only one now
+            source.release(name)  # the GPU copy is the only one now
             return on_gpu
 
         worker = None
@@ -101,8 +112,8 @@ class Engine:
 
             cpu_kernels.warmup()  # compiled once, then loaded from Numba's disk cache: no JIT wait later
             worker = ExpertWorker(cfg.hidden_size, cfg.num_experts_per_tok, dev, cls.PREFILL_CHUNK)
-            factory = _hybrid_factory(ckpt, worker, dev)
-        model = load_transformer(ckpt, cfg, experts=factory, progress=progress, get=place)
+            factory = _hybrid_factory(source, worker, dev)
+        model = assemble(cfg, place, experts=factory, progress=progress)
         return cls(cfg, model, path, max_context, the_plan, worker)
 
     def _check_ids(self, ids: list[int], new_tokens: int = 0) -> torch.Tensor:
@@ -151,7 +162,7 @@ class Engine:
             pos += 1
 
 
-def _hybrid_factory(ckpt: Checkpoint, worker: ExpertWorker, dev: torch.device):
+def _hybrid_factory(source: TensorSource, worker: ExpertWorker, dev: torch.device):
     """Per MoE layer: stack the experts (pinned when a GPU may stream them), wrap them in the hybrid backend."""
     from .cpu_experts import stack_experts
     from .gpu_experts import HybridExperts, StagingBuffers, StreamedExperts, measure_rates
@@ -159,7 +170,7 @@ def _hybrid_factory(ckpt: Checkpoint, worker: ExpertWorker, dev: torch.device):
     shared: dict = {}
 
     def factory(layer, routed, names):
-        stack = stack_experts(routed, ckpt, names, pinned=dev.type == "cuda")
+        stack = stack_experts(routed, source, names, pinned=dev.type == "cuda")
         if dev.type != "cuda":
             return HybridExperts(stack, worker)
         if not shared:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .config import FP8_BLOCK
@@ -39,9 +40,34 @@ def expand_scale(scale: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """W[i, j] = fp8(q[i, j]) * scale[i // 128, j // 128] (the scale is multiplied despite its name)."""
     rows, cols = q.shape
+    if q.device.type == "cpu" and q.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32:
+        from cpu_kernels.dequant import dequantize_into  # one fused pass (the path below moves ~30 B/element)
+
+        w = torch.empty(rows, cols)
+        dequantize_into(q.contiguous().view(torch.uint8).numpy().view(np.int8), scale.contiguous().numpy(), w.numpy())
+        return w if dtype == torch.float32 else w.to(dtype)
     w = fp8_to_float(q)
     w.mul_(expand_scale(scale.float(), rows, cols))
     return w if dtype == torch.float32 else w.to(dtype)
+
+
+def fp8_matmul_cpu(x: torch.Tensor, w: Fp8Weight) -> torch.Tensor:
+    """x [T, K] fp32 @ W^T by the Numba kernel that reads the fp8 codes directly (decode-sized T)."""
+    from cpu_kernels.linear import fp8_linear
+
+    xn = x.detach().float().contiguous().numpy()
+    out = np.empty((x.shape[0], w.q.shape[0]), np.float32)
+    fp8_linear(xn, w.q.contiguous().view(torch.uint8).numpy().view(np.int8), w.scale.float().contiguous().numpy(), out)
+    return torch.from_numpy(out)
+
+
+def bf16_matmul_cpu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [T, K] fp32 @ W^T for a bf16 W, converting each weight on the fly (exact, fp32 accumulation)."""
+    from cpu_kernels.linear import bf16_linear
+
+    out = np.empty((x.shape[0], w.shape[0]), np.float32)
+    bf16_linear(x.detach().float().contiguous().numpy(), w.contiguous().view(torch.int16).numpy(), out)
+    return torch.from_numpy(out)
 
 
 def quantize(w: torch.Tensor) -> Fp8Weight:

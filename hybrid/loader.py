@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
 from tqdm import tqdm
 
-from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .fp8 import Fp8Weight
 from .model import MLP, Attention, Block, LoopExperts, MoE, Router, RoutedExperts, Transformer
-from .schema import validate
+from .schema import expected_tensors
 
 # (layer, its routed experts, the checkpoint names of their tensors) -> the backend that computes them
 ExpertsFactory = Callable[[int, list[MLP], list[str]], RoutedExperts]
@@ -52,13 +51,20 @@ def _tensor_names(mlp: str) -> list[str]:
             for kind in ("weight", "weight_scale_inv")]  # fmt: skip
 
 
-def load_transformer(ckpt: Checkpoint, cfg: ModelConfig, experts: ExpertsFactory = reference_experts,
-                     progress: bool = True, get: Callable[[str], torch.Tensor] | None = None) -> Transformer:  # fmt: skip
-    """get(name) places one tensor (default: the mapped checkpoint tensor, where it is)."""
-    specs = validate(ckpt, cfg)
-    take = TensorTaker(get or ckpt.get)
+class TensorSource(Protocol):
+    """Tensors by checkpoint name: a Checkpoint, or synthetic weights made on demand (benchmarks)."""
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+    def release(self, name: str) -> None: ...
+
+
+def assemble(cfg: ModelConfig, get: Callable[[str], torch.Tensor], experts: ExpertsFactory = reference_experts,
+             progress: bool = True) -> Transformer:  # fmt: skip
+    """Build the model from get(name) (which also places each tensor) and check every expected tensor was used."""
+    take = TensorTaker(get)
     model = build_transformer(cfg, take, experts, progress)
-    missed = specs.keys() - take.used
+    missed = expected_tensors(cfg).keys() - take.used
     if missed:
         raise AssertionError(f"loader left {len(missed)} expected tensors unused, e.g. {sorted(missed)[:3]}")
     return model

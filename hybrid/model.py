@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig, yarn_mscale
-from .fp8 import Fp8Weight
+from .fp8 import Fp8Weight, bf16_matmul_cpu, fp8_matmul_cpu
 from .profile import PROFILE
 
 
@@ -22,8 +22,16 @@ def dense(w: Fp8Weight | torch.Tensor) -> torch.Tensor:
     return w.dequantize() if isinstance(w, Fp8Weight) else w.float()
 
 
+FUSED_MAX_TOKENS = 4  # up to here a CPU fp8 linear streams the codes; beyond, dequantize once and matmul
+
+
 def linear(x: torch.Tensor, w: Fp8Weight | torch.Tensor) -> torch.Tensor:
     """y = x W^T in fp32 (the one place a linear's path is chosen)."""
+    if x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= FUSED_MAX_TOKENS and not x.requires_grad:
+        if isinstance(w, Fp8Weight):
+            return fp8_matmul_cpu(x, w)
+        if w.dtype == torch.bfloat16 and not w.requires_grad:  # the lm_head: no 4-byte copy of it per token
+            return bf16_matmul_cpu(x, w)
     return F.linear(x, dense(w))
 
 

@@ -110,3 +110,17 @@ def write_checkpoint(out: str | Path, config: dict, seed: int = 0, shard_bytes: 
     write_tokenizer(out, cfg.vocab_size - 256, **({"text": tokenizer_text} if tokenizer_text else {}))
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     return out
+
+
+class SyntheticTensors:
+    """The same synthetic weights, made on demand instead of read from disk (a TensorSource for benchmarks at full
+    K2 width on boxes whose disk cannot hold the files)."""
+
+    def __init__(self, cfg: ModelConfig, seed: int = 0):
+        self.cfg, self.seed, self.specs, self.codes = cfg, seed, expected_tensors(cfg), _normal_codes(seed)
+
+    def get(self, name: str) -> torch.Tensor:
+        return make_tensor(name, self.specs[name], self.specs, self.cfg, self.seed, self.codes)
+
+    def release(self, name: str) -> None:
+        pass

@@ -109,3 +109,42 @@ def test_input_checks_refuse_bad_arguments():
         routed_moe(x, ids, w[:, :1], stack, out)
     with pytest.raises(ValueError, match="gate_s: expected"):
         ExpertStack(stack.gate, stack.gate_s[:, :, :1].copy(), stack.up, stack.up_s, stack.down, stack.down_s)
+
+
+def test_whole_weight_dequantization_is_exact_with_partial_blocks():
+    from cpu_kernels.dequant import dequantize_into
+
+    stack = make_stack(E=1, hidden=300, inter=200, seed=9)  # 300 = 2 full blocks + 44, 200 = 1 + 72
+    for q, s in ((stack.gate[0], stack.gate_s[0]), (stack.down[0], stack.down_s[0])):
+        out = np.full(q.shape, np.nan, np.float32)
+        dequantize_into(q, s, out)
+        assert np.array_equal(out.astype(np.float64), dequantize_np(q, s).astype(np.float32).astype(np.float64))
+    with pytest.raises(ValueError, match="float32"):
+        dequantize_into(stack.gate[0], stack.gate_s[0][:1], np.empty(stack.gate.shape[1:], np.float32))
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_fp8_linear_matches_the_float64_reference(k2_stack, T):
+    from cpu_kernels.linear import fp8_linear
+
+    x = np.random.default_rng(T).standard_normal((T, 2048)).astype(np.float32)
+    for W, S in ((k2_stack.down[1], k2_stack.down_s[1]), (k2_stack.gate[2][:1000, :300], None)):
+        if S is None:  # a partial-block shape: 1000 x 300 with its own scales
+            W = np.ascontiguousarray(W)
+            S = np.random.default_rng(0).random((8, 3)).astype(np.float32) * 1e-3
+            x = x[:, :300].copy()
+        out = np.full((T, W.shape[0]), np.nan, np.float32)
+        fp8_linear(x, W, S, out)
+        assert relative_error(out, x.astype(np.float64) @ dequantize_np(W, S).T) <= TOL
+
+
+def test_bf16_linear_is_exact_conversion_with_fp32_accumulation():
+    from cpu_kernels.linear import bf16_linear
+
+    rng = np.random.default_rng(1)
+    w = torch.from_numpy(rng.standard_normal((1000, 300)).astype(np.float32)).bfloat16()
+    w[0, :4] = torch.tensor([0.0, -0.0, 1e-40, -3e30])  # zero, -0, a bf16 subnormal, a large value
+    x = rng.standard_normal((2, 300)).astype(np.float32)
+    out = np.full((2, 1000), np.nan, np.float32)
+    bf16_linear(x, w.view(torch.int16).numpy(), out)
+    assert relative_error(out, x.astype(np.float64) @ w.double().numpy().T) <= TOL

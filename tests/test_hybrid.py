@@ -23,9 +23,9 @@ def stack():
     return make_stack(E=12, hidden=384, inter=256, seed=3)
 
 
-@pytest.fixture(scope="module")
-def worker():
-    w = ExpertWorker(hidden=384, top_k=4, max_tokens=8)
+@pytest.fixture(scope="module", params=[True, False], ids=["thread", "inline"])
+def worker(request):
+    w = ExpertWorker(hidden=384, top_k=4, max_tokens=8, threaded=request.param)
     yield w
     w.close()
 
@@ -150,3 +150,14 @@ def test_gpu_long_prefill_path_gives_the_same_logits(tiny):
     streamed = gpu.logits(ids)
     assert gpu.model.blocks[1].ffn.experts.last_path == "device"
     assert float((streamed - base).abs().max() / base.abs().max()) <= 1e-3
+
+
+def test_synthetic_weights_made_in_memory_equal_the_written_checkpoint(tiny):
+    from hybrid.presets import synthetic_config
+    from hybrid.synthetic import SyntheticTensors
+
+    cfg = ModelConfig.from_dict(synthetic_config("tiny"))
+    in_memory = Engine.from_tensors(cfg, SyntheticTensors(cfg), progress=False)
+    on_disk = Engine.from_pretrained(tiny, progress=False)
+    ids = list(range(20, 50))
+    assert torch.equal(in_memory.logits(ids), on_disk.logits(ids))
