@@ -35,6 +35,8 @@ def moe_decode(x, ids, weights, gate, gate_s, up, up_s, down, down_s, out):
     for item in prange(P * n_in):
         p, c = item // n_in, item % n_in
         t, e = p // K, ids[p // K, p % K]
+        if e < 0:  # an assignment computed elsewhere
+            continue
         r0, r1 = c * CHUNK, min(inter, c * CHUNK + CHUNK)
         g = np.empty(CHUNK, np.float32)
         u = np.empty(CHUNK, np.float32)
@@ -53,6 +55,8 @@ def moe_decode(x, ids, weights, gate, gate_s, up, up_s, down, down_s, out):
         for p in range(P):
             t, k = p // K, p % K
             e = ids[t, k]
+            if e < 0:
+                continue
             gemv_rows(down[e], down_s[e], r0, r1, h[p], y, hs)
             wk = weights[t, k]
             for i in range(r1 - r0):

@@ -64,12 +64,15 @@ def check_inputs(x, ids, weights, stack: ExpertStack, out) -> None:
             raise ValueError(f"{name}: expected C-contiguous {np.dtype(dtype).name} {shape}, got {a.dtype} {a.shape}")
     if ids.ndim != 2 or ids.shape[0] != T:
         raise ValueError(f"ids: expected [{T}, k], got {ids.shape}")
-    if ids.size and (ids.min() < 0 or ids.max() >= stack.num_experts):
-        raise ValueError(f"ids: expert index out of range [0, {stack.num_experts})")
+    if ids.size and (ids.min() < -1 or ids.max() >= stack.num_experts):
+        raise ValueError(f"ids: expert index out of range [0, {stack.num_experts}) (or -1: skip)")
 
 
 def routed_moe(x, ids, weights, stack: ExpertStack, out) -> np.ndarray:
-    """out[t] = sum_k weights[t, k] * SwiGLU expert ids[t, k] applied to x[t]; out is overwritten and returned."""
+    """out[t] = sum_k weights[t, k] * SwiGLU expert ids[t, k] applied to x[t]; out is overwritten and returned.
+
+    An id of -1 skips that assignment (its expert is computed elsewhere, e.g. on the GPU or in another group).
+    """
     check_inputs(x, ids, weights, stack, out)
     if x.shape[0] == 0:
         return out
@@ -102,7 +105,7 @@ def reference_moe(x, ids, weights, stack: ExpertStack) -> np.ndarray:
     """The plain float64 reference: each used expert dequantized once and applied to all of its tokens."""
     out = np.zeros(x.shape, np.float64)
     x64 = x.astype(np.float64)
-    for e in np.unique(ids):
+    for e in np.unique(ids[ids >= 0]):
         t, k = np.nonzero(ids == e)
         g = x64[t] @ dequantize_np(stack.gate[e], stack.gate_s[e]).T
         u = x64[t] @ dequantize_np(stack.up[e], stack.up_s[e]).T

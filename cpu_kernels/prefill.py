@@ -103,18 +103,22 @@ def moe_prefill(x, ids, weights, gate, gate_s, up, up_s, down, down_s, out):
     # group the assignments by expert (counting sort): slots start[e] .. start[e + 1] belong to expert e
     start = np.zeros(E + 1, np.int64)
     for p in range(P):
-        start[ids[p // K, p % K] + 1] += 1
+        e = ids[p // K, p % K]
+        if e >= 0:  # -1: an assignment computed elsewhere
+            start[e + 1] += 1
     for e in range(E):
         start[e + 1] += start[e]
     fill = start[:E].copy()
-    slot = np.empty(P, np.int64)  # assignment p -> its slot
+    slot = np.full(P, -1, np.int64)  # assignment p -> its slot
     for p in range(P):
         e = ids[p // K, p % K]
-        slot[p] = fill[e]
-        fill[e] += 1
-    xg = np.empty((P, H), np.float32)
+        if e >= 0:
+            slot[p] = fill[e]
+            fill[e] += 1
+    xg = np.empty((max(1, start[E]), H), np.float32)
     for p in prange(P):
-        xg[slot[p]] = x[p // K]
+        if slot[p] >= 0:
+            xg[slot[p]] = x[p // K]
     n_active = 0
     for e in range(E):
         n_active += start[e + 1] > start[e]
@@ -125,7 +129,7 @@ def moe_prefill(x, ids, weights, gate, gate_s, up, up_s, down, down_s, out):
             active[i] = e
             i += 1
     n_in, n_out = (inter + TASK_ROWS - 1) // TASK_ROWS, (H + TASK_ROWS - 1) // TASK_ROWS
-    h = np.empty((P, inter), np.float32)
+    h = np.empty((max(1, start[E]), inter), np.float32)
     for item in prange(active.shape[0] * n_in):
         e, c = active[item // n_in], item % n_in
         s0, n = start[e], start[e + 1] - start[e]
@@ -143,7 +147,7 @@ def moe_prefill(x, ids, weights, gate, gate_s, up, up_s, down, down_s, out):
         for j in range(n):
             for r in range(r1 - r0):
                 h[s0 + j, r0 + r] = _silu(g[j, r]) * u[j, r]
-    y = np.empty((P, H), np.float32)
+    y = np.empty((max(1, start[E]), H), np.float32)
     for item in prange(active.shape[0] * n_out):
         e, c = active[item // n_out], item % n_out
         s0, n = start[e], start[e + 1] - start[e]
@@ -161,4 +165,5 @@ def moe_prefill(x, ids, weights, gate, gate_s, up, up_s, down, down_s, out):
     for t in prange(T):
         out[t] = 0.0
         for k in range(K):
-            out[t] += weights[t, k] * y[slot[t * K + k]]
+            if slot[t * K + k] >= 0:
+                out[t] += weights[t, k] * y[slot[t * K + k]]

@@ -16,7 +16,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .tokenizer import StreamDecoder, Tokenizer
 
     t0 = time.perf_counter()
-    engine = Engine.from_pretrained(args.model)
+    engine = Engine.from_pretrained(args.model, **_engine_options(args))
     tokenizer = Tokenizer(args.model)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     ids = tokenizer.encode(args.prompt)
@@ -54,8 +54,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         from cpu_kernels.stream import read_bandwidth
 
         gbs = read_bandwidth([np.ones(2 << 30, np.uint8)])
+    disk_gbs = args.disk_read_gbs
+    if disk_gbs is None and args.model:
+        from .tiers import disk_read_bandwidth
+
+        disk_gbs = disk_read_bandwidth(sorted(Path(args.model).glob("*.safetensors")))
     try:
-        p = plan(cfg, parse_bytes(args.gpu_mem), parse_bytes(args.host_mem), args.context, gbs, dtypes)
+        p = plan(cfg, parse_bytes(args.gpu_mem), parse_bytes(args.host_mem), args.context, gbs, dtypes,
+                 disk_read_gbs=disk_gbs or 0.0)  # fmt: skip
     except PlanError as e:
         print(f"hybrid plan: {source}: {e}", file=sys.stderr)
         return 1
@@ -70,7 +76,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     import json
 
     tools = json.loads(Path(args.tools).read_text()) if args.tools else None
-    session = ChatSession.open(args.model, max_context=args.max_context)
+    session = ChatSession.open(args.model, max_context=args.max_context, **_engine_options(args))
     return ChatLoop(session, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                     tools=tools).run()  # fmt: skip
 
@@ -81,12 +87,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .conversation import ChatSession
     from .server import Server, create_app
 
-    session = ChatSession.open(args.model, max_context=args.max_context)
+    session = ChatSession.open(args.model, max_context=args.max_context, **_engine_options(args))
     name = args.model_name or Path(args.model).resolve().name
     app = create_app(Server(session, name, api_key=args.api_key, max_queue=args.max_queue))
     print(f"serving '{name}' on http://{args.host}:{args.port}/v1 (context {session.max_context})", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def _add_engine_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--gpu-mem", help="GPU budget, e.g. 22GiB (default: what is free)")
+    parser.add_argument("--host-mem", help="host RAM budget, e.g. 500GiB (default: what is available); below the "
+                        "routed experts' size the rest are read from the checkpoint when needed")  # fmt: skip
+
+
+def _engine_options(args: argparse.Namespace) -> dict:
+    return {"device": args.device, "gpu_mem": args.gpu_mem, "host_mem": args.host_mem}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
+    _add_engine_options(g)
     g.set_defaults(func=cmd_generate)
     pl = sub.add_parser("plan", help="where every part of the model goes for given budgets, and how fast it decodes")
     src = pl.add_mutually_exclusive_group(required=True)
@@ -108,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--host-mem", required=True, help="host RAM budget, e.g. 1100GiB")
     pl.add_argument("--context", type=int, default=32768, help="tokens of KV cache to provide (default 32768)")
     pl.add_argument("--host-read-gbs", type=float, help="host read bandwidth in GB/s (default: measure it, ~2 s)")
+    pl.add_argument("--disk-read-gbs", type=float,
+                    help="checkpoint disk read bandwidth in GB/s (default with --model: measure it, cold cache)")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
     pl.set_defaults(func=cmd_plan)
     ch = sub.add_parser("chat", help="chat in the terminal, streamed, with /commands")
@@ -117,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     ch.add_argument("--top-p", type=float, default=1.0)
     ch.add_argument("--max-context", type=int, help="tokens of conversation (default min(model, 8192))")
     ch.add_argument("--tools", help="JSON file with OpenAI-style tool definitions to declare to the model")
+    _add_engine_options(ch)
     ch.set_defaults(func=cmd_chat)
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models, /health)")
     sv.add_argument("--model", required=True, help="checkpoint directory")
@@ -126,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--max-queue", type=int, default=8, help="requests queued or running before 429 (default 8)")
     sv.add_argument("--max-context", type=int, help="prompt + completion tokens per request (default min(model, 8192))")
     sv.add_argument("--model-name", help="model id clients send (default: the directory name)")
+    _add_engine_options(sv)
     sv.set_defaults(func=cmd_serve)
     args = p.parse_args(argv)
     try:

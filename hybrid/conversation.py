@@ -49,9 +49,11 @@ class ChatSession:
         self.call_end = sp["<|tool_call_end|>"]
 
     @classmethod
-    def open(cls, path: str | Path, max_context: int | None = None, progress: bool = True) -> "ChatSession":
-        engine = Engine.from_pretrained(path, progress=progress)
-        limit = max_context or min(engine.cfg.max_position_embeddings, 8192)
+    def open(cls, path: str | Path, max_context: int | None = None, progress: bool = True,
+             **engine_options) -> "ChatSession":  # fmt: skip
+        """engine_options: device, gpu_mem, host_mem (see Engine.from_pretrained)."""
+        engine = Engine.from_pretrained(path, progress=progress, max_context=max_context, **engine_options)
+        limit = max_context or min(engine.max_context, 8192)
         return cls(engine, Tokenizer(path), load_template(path), limit)
 
     def prompt_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:

@@ -16,6 +16,7 @@ from .fp8 import Fp8Weight
 from .loader import TensorSource, assemble
 from .model import MLP, KVCache, LoopExperts, Transformer
 from .placement import Plan, PlanError, parse_bytes, plan
+from .prefetch import Prefetcher
 from .schema import validate
 
 
@@ -42,6 +43,9 @@ def _resolve_device(device: str) -> torch.device:
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     return dev
+
+
+IO_THREADS = 4  # disk-tier reads in flight (NVMe wants several)
 
 
 class Engine:
@@ -84,23 +88,24 @@ class Engine:
         if experts not in ("cpu", "reference"):
             raise ValueError(f"experts must be 'cpu' or 'reference', got {experts!r}")
         dev = _resolve_device(device)
-        the_plan = None
-        if dev.type == "cuda":
-            free_gpu, _ = torch.cuda.mem_get_info(dev)
-            the_plan = plan(cfg, parse_bytes(gpu_mem) if gpu_mem else free_gpu,
-                            parse_bytes(host_mem) if host_mem else psutil.virtual_memory().available, max_context,
-                            dtypes=dtypes)  # fmt: skip
-            if the_plan.bytes_on("disk"):
-                raise PlanError("; ".join(the_plan.notes))
-            max_context = the_plan.kv_capacity_tokens
+        cuda = dev.type == "cuda"
+        host = parse_bytes(host_mem) if host_mem else psutil.virtual_memory().available
+        gpu = (parse_bytes(gpu_mem) if gpu_mem else torch.cuda.mem_get_info(dev)[0]) if cuda else 0
+        the_plan = plan(cfg, gpu, host, max_context, dtypes=dtypes, gpu=cuda, kv_bytes=2 if cuda else 4)
+        max_context = the_plan.kv_capacity_tokens
+        tiered = experts == "cpu" and the_plan.expert_slots < cfg.n_routed_experts
+        if tiered and not hasattr(source, "tensors"):
+            raise PlanError("the budget needs the disk tier, which reads experts from checkpoint files: "
+                            "use Engine.from_pretrained or a larger host_mem")  # fmt: skip
 
         def place(name: str) -> torch.Tensor:
             t = source.get(name)
-            if the_plan is None or the_plan.device_of(name) != "gpu":
-                return t
-            on_gpu = t.to(dev)
-            source.release(name)  # the GPU copy is the only one now
-            return on_gpu
+            if ".mlp.experts." in name:
+                return t  # copied into expert stacks (or read into tier slots) by the experts factory
+            # a private copy, not the file mapping: a shard truncated under a running engine must not SIGBUS it
+            placed = t.to(dev) if the_plan.device_of(name) == "gpu" else t.clone()
+            source.release(name)  # the copy is the only one now
+            return placed
 
         worker = None
         if experts == "reference":
@@ -112,9 +117,13 @@ class Engine:
 
             cpu_kernels.warmup()  # compiled once, then loaded from Numba's disk cache: no JIT wait later
             worker = ExpertWorker(cfg.hidden_size, cfg.num_experts_per_tok, dev, cls.PREFILL_CHUNK)
-            factory = _hybrid_factory(source, worker, dev)
+            factory = _hybrid_factory(source, worker, dev, the_plan.expert_slots if tiered else 0)
         model = assemble(cfg, place, experts=factory, progress=progress)
-        return cls(cfg, model, path, max_context, the_plan, worker)
+        engine = cls(cfg, model, path, max_context, the_plan, worker)
+        engine.tiers = {i: b.ffn.experts.tier for i, b in enumerate(model.blocks)
+                        if getattr(getattr(b.ffn, "experts", None), "tier", None) is not None}  # fmt: skip
+        engine.prefetcher = Prefetcher(model.blocks, engine.tiers) if engine.tiers else None
+        return engine
 
     def _check_ids(self, ids: list[int], new_tokens: int = 0) -> torch.Tensor:
         if not ids:
@@ -162,16 +171,26 @@ class Engine:
             pos += 1
 
 
-def _hybrid_factory(source: TensorSource, worker: ExpertWorker, dev: torch.device):
-    """Per MoE layer: stack the experts (pinned when a GPU may stream them), wrap them in the hybrid backend."""
-    from .cpu_experts import stack_experts
-    from .gpu_experts import HybridExperts, StagingBuffers, StreamedExperts, measure_rates
+def _hybrid_factory(source: TensorSource, worker: ExpertWorker, dev: torch.device, slots: int):
+    """Per MoE layer: stack the experts (pinned when a GPU may stream them) or, with `slots`, give the layer that
+    many RAM slots over the checkpoint's files (the disk tier); wrap them in the hybrid backend."""
+    from concurrent.futures import ThreadPoolExecutor
 
+    from .cpu_experts import pin, stack_experts
+    from .gpu_experts import HybridExperts, StagingBuffers, StreamedExperts, measure_rates
+    from .tiers import LayerTier
+
+    cuda = dev.type == "cuda"
     shared: dict = {}
 
     def factory(layer, routed, names):
-        stack = stack_experts(routed, source, names, pinned=dev.type == "cuda")
-        if dev.type != "cuda":
+        if slots:
+            io = shared.setdefault("io", ThreadPoolExecutor(IO_THREADS, thread_name_prefix="hybrid-io"))
+            template = stack_experts(routed[:1], source, names[:6])
+            tier = LayerTier(layer, len(routed), slots, template, source.tensors, io, pin if cuda else None)
+            return HybridExperts(None, worker, tier=tier)
+        stack = stack_experts(routed, source, names, pinned=cuda)
+        if not cuda:
             return HybridExperts(stack, worker)
         if not shared:
             shared["staging"] = StagingBuffers(stack, dev)

@@ -16,6 +16,7 @@ from .cpu_experts import ExpertWorker, expert_flops
 from .fp8 import Fp8Weight
 from .model import MLP
 from .profile import PROFILE
+from .tiers import LayerTier, remap, tier_groups, to_numpy_ids
 
 PARTS = ("gate", "up", "down")
 MIN_STREAM_TOKENS = 64  # below this the CPU always wins (and deciding would cost a device sync per layer)
@@ -114,12 +115,31 @@ class HybridExperts:
     """One MoE layer's routed experts: the CPU worker by default; streamed to the GPU for long chunks when the
     measured rates say that is faster. `submit` returns at once with something whose result() is the output."""
 
-    def __init__(self, stack: ExpertStack, worker: ExpertWorker, streamed: StreamedExperts | None = None,
-                 rates: ExpertRates | None = None):  # fmt: skip
-        self.stack, self.worker, self.streamed, self.rates = stack, worker, streamed, rates
+    def __init__(self, stack: ExpertStack | None, worker: ExpertWorker, streamed: StreamedExperts | None = None,
+                 rates: ExpertRates | None = None, tier: LayerTier | None = None):  # fmt: skip
+        """stack: all experts in RAM; or tier: some in RAM slots, the rest read from disk when needed."""
+        self.stack, self.worker, self.streamed, self.rates, self.tier = stack, worker, streamed, rates, tier
         self.last_path = "cpu"
 
+    def _submit_tiered(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor):
+        tier = self.tier
+        ids = to_numpy_ids(idx)
+        needed = tier.note_use(ids)
+        groups = tier_groups(needed, tier.slots)
+        if len(groups) == 1:
+            tier.ensure(needed.tolist())
+            return self.worker.submit(tier.stack, x, torch.from_numpy(remap(ids, tier.slot_of, needed)), w)
+        out = None  # a chunk touching more experts than the layer has slots: in rounds, each expert read once
+        for group in groups:
+            tier.ensure(group.tolist())
+            part = self.worker.submit(tier.stack, x, torch.from_numpy(remap(ids, tier.slot_of, group)), w).result()
+            out = part if out is None else out + part
+        return _Done(out)
+
     def submit(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor):
+        if self.tier is not None:
+            self.last_path = "cpu"
+            return self._submit_tiered(x, idx, w)
         T, k = idx.shape
         if self.streamed is not None and self.rates is not None and T >= MIN_STREAM_TOKENS:
             distinct = int(torch.unique(idx).numel())

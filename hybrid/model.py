@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -219,10 +219,13 @@ class Block:
     ffn_norm: torch.Tensor
     ffn: MLP | MoE
     eps: float
+    after_attention: Callable[[torch.Tensor], None] | None = None  # sees the residual stream (the prefetcher)
 
     def __call__(self, x, start, cache, cos, sin):
         with PROFILE("attention"):
             h = x + self.attn(rms_norm(x, self.attn_norm, self.eps), start, cache, cos, sin)
+        if self.after_attention is not None:
+            self.after_attention(h)
         if isinstance(self.ffn, MoE):
             return h + self.ffn(rms_norm(h, self.ffn_norm, self.eps))
         with PROFILE("dense MLP"):

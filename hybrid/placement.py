@@ -17,7 +17,8 @@ from .schema import expected_tensors
 
 GiB = 1 << 30
 GPU_RESERVE = 1 * GiB  # CUDA context, activations and scratch buffers of one decode step and a prefill chunk
-KV_BYTES = 2  # the latent KV cache is kept in bf16
+KV_BYTES = 2  # the latent KV cache is kept in bf16 on the GPU (fp32 in CPU-only mode)
+CPU_DEFAULT_CONTEXT = 8192
 _UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9, "T": 1e12, "TB": 1e12,
           "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}  # fmt: skip
 
@@ -54,6 +55,9 @@ class Plan:
     gpu_free_for_expert_cache: int
     routed_bytes_per_token: int  # expert bytes a batch-1 decode step reads (top-k per MoE layer)
     host_read_gbs: float
+    expert_slots: int = 0  # RAM slots per MoE layer; fewer than n_routed_experts means a disk tier
+    expert_bytes: int = 0  # one routed expert (gate + up + down with scales)
+    disk_read_gbs: float = 0.0
     notes: tuple[str, ...] = field(default=())
 
     def device_of(self, tensor: str) -> str:
@@ -68,6 +72,16 @@ class Plan:
     def expected_decode_tps(self) -> float:
         """Upper bound of batch-1 decode from host bandwidth alone (GPU time assumed hidden behind it)."""
         return self.host_read_gbs * 1e9 / self.routed_bytes_per_token if self.host_read_gbs else 0.0
+
+    def tps_range(self, ram_fraction: float) -> tuple[float, float] | None:
+        """Decode tokens/s with `ram_fraction` of each layer's experts in RAM and the rest read from disk, assuming
+        a needed expert is in RAM with that probability (uniform routing: real routing is skewed, so hits are
+        likelier). (no overlap of disk reads with compute, perfect prefetch); None without the bandwidths."""
+        if not self.host_read_gbs or (ram_fraction < 1 and not self.disk_read_gbs):
+            return None
+        ram_s = self.routed_bytes_per_token * ram_fraction / (self.host_read_gbs * 1e9)
+        disk_s = self.routed_bytes_per_token * (1 - ram_fraction) / (self.disk_read_gbs * 1e9) if ram_fraction < 1 else 0
+        return 1 / (ram_s + disk_s), 1 / max(ram_s, disk_s)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -105,53 +119,68 @@ def _component_of(name: str) -> str:
 
 
 def plan(cfg: ModelConfig, gpu_mem: int, host_mem: int, context: int | None, host_read_gbs: float = 0.0,
-         dtypes: dict[str, str] | None = None) -> Plan:  # fmt: skip
-    """Place everything; raise PlanError when the GPU part cannot fit.
+         dtypes: dict[str, str] | None = None, gpu: bool = True, kv_bytes: int = KV_BYTES,
+         disk_read_gbs: float = 0.0) -> Plan:  # fmt: skip
+    """Place everything; raise PlanError when the GPU part (or, without a GPU, the non-expert part) cannot fit.
 
-    context None: the longest context whose KV cache fits beside the weights (at most max_position_embeddings).
+    context None: with a GPU the longest context whose KV cache fits beside the weights, without one
+    CPU_DEFAULT_CONTEXT (both at most max_position_embeddings). gpu False: what would go to the GPU stays in host
+    RAM (CPU-only mode). Routed experts take the host RAM left: whole layers' worth, or a number of slots per
+    layer with the rest on the disk tier (at least top-k per layer, or the plan is refused).
     """
     sizes = component_bytes(cfg, dtypes)
+    kv_per_token = _kv_per_token(cfg, kv_bytes)
     if context is None:
-        context = _longest_context(cfg, gpu_mem, sizes)
+        context = _longest_context(cfg, gpu_mem, sizes, kv_per_token) if gpu else min(
+            CPU_DEFAULT_CONTEXT, cfg.max_position_embeddings)
     if context <= 0:
         raise PlanError(f"context must be positive, got {context}")
     if context > cfg.max_position_embeddings:
         raise PlanError(f"context {context} exceeds the model's max_position_embeddings {cfg.max_position_embeddings}")
-    kv_per_token = _kv_per_token(cfg)
-    gpu_parts = _gpu_parts(sizes)
-    gpu_need = sum(sizes[k] for k in gpu_parts) + kv_per_token * context + GPU_RESERVE
-    if gpu_need > gpu_mem:
+    fast = "gpu" if gpu else "host"
+    gpu_parts = _gpu_parts(sizes) + ([] if gpu else ["embeddings"])
+    fixed = sum(sizes[k] for k in gpu_parts) + kv_per_token * context + (GPU_RESERVE if gpu else 0)
+    budget = gpu_mem if gpu else host_mem
+    if fixed > budget:
         detail = ", ".join(f"{k} {_gib(sizes[k])}" for k in gpu_parts)
+        where = "GPU" if gpu else "host RAM"
         raise PlanError(
-            f"the GPU part does not fit: it needs {_gib(gpu_need)} ({detail}, KV cache for {context} tokens "
-            f"{_gib(kv_per_token * context)}, reserve {_gib(GPU_RESERVE)}) but the GPU budget is {_gib(gpu_mem)}: "
-            f"short by {_gib(gpu_need - gpu_mem)}. Use a shorter --context or a larger GPU."
+            f"the {'GPU' if gpu else 'non-expert'} part does not fit: it needs {_gib(fixed)} ({detail}, KV cache for "
+            f"{context} tokens {_gib(kv_per_token * context)}{f', reserve {_gib(GPU_RESERVE)}' if gpu else ''}) but "
+            f"the {where} budget is {_gib(budget)}: short by {_gib(fixed - budget)}. Use a shorter --context or a "
+            f"larger {'GPU' if gpu else 'host RAM budget'}."
         )
     notes = []
-    embed_on_gpu = gpu_need + sizes["embeddings"] <= gpu_mem
-    if embed_on_gpu:
-        gpu_need += sizes["embeddings"]
-    else:
+    embed_on_fast = not gpu or fixed + sizes["embeddings"] <= budget
+    if gpu and embed_on_fast:
+        fixed += sizes["embeddings"]
+    elif gpu:
         notes.append("embeddings stay in host RAM (a row lookup per token); the GPU budget has no room for them")
+    host_left = host_mem - (fixed if not gpu else 0 if embed_on_fast else sizes["embeddings"])
     routed = sizes.get("routed experts", 0)
-    host_need = routed + (0 if embed_on_gpu else sizes["embeddings"])
-    routed_device = "host"
-    if host_need > host_mem:
-        routed_device = "disk"
-        notes.append(f"host RAM {_gib(host_mem)} is {_gib(host_need - host_mem)} short of the routed experts: "
-                     "they would need the disk tier, which is not supported yet")  # fmt: skip
-    components = [Component(k, sizes[k], "gpu") for k in gpu_parts]
-    components.append(Component("embeddings", sizes["embeddings"], "gpu" if embed_on_gpu else "host"))
-    components.append(Component("KV cache", kv_per_token * context, "gpu"))
-    if routed:
-        components.append(Component("routed experts", routed, routed_device))
     n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
     per_expert = routed // max(1, n_moe * cfg.n_routed_experts)
+    slots = min(cfg.n_routed_experts, max(0, host_left) // max(1, per_expert * n_moe)) if routed else 0
+    if routed and slots < cfg.num_experts_per_tok:
+        need = cfg.num_experts_per_tok * per_expert * n_moe - host_left
+        raise PlanError(f"host RAM cannot hold even {cfg.num_experts_per_tok} experts per layer (top-k) besides the "
+                        f"rest: short by {_gib(need)}")  # fmt: skip
+    components = [Component(k, sizes[k], fast) for k in gpu_parts if k != "embeddings"]
+    components.append(Component("embeddings", sizes["embeddings"], fast if embed_on_fast else "host"))
+    components.append(Component("KV cache", kv_per_token * context, fast))
+    if routed:
+        in_ram = slots * per_expert * n_moe
+        components.append(Component("routed experts", in_ram, "host"))
+        if slots < cfg.n_routed_experts:
+            components.append(Component("routed (disk tier)", routed - in_ram, "disk"))
+            notes.append(f"host RAM holds {slots} of {cfg.n_routed_experts} experts per layer "
+                         f"({slots / cfg.n_routed_experts:.0%}); the rest are read from the checkpoint when needed")
     return Plan(
-        components=tuple(components), gpu_budget=gpu_mem, host_budget=host_mem, context=context,
-        kv_bytes_per_token=kv_per_token, kv_capacity_tokens=context, gpu_free_for_expert_cache=gpu_mem - gpu_need,
+        components=tuple(components), gpu_budget=gpu_mem if gpu else 0, host_budget=host_mem, context=context,
+        kv_bytes_per_token=kv_per_token, kv_capacity_tokens=context,
+        gpu_free_for_expert_cache=gpu_mem - fixed if gpu else 0,
         routed_bytes_per_token=per_expert * cfg.num_experts_per_tok * n_moe, host_read_gbs=host_read_gbs,
-        notes=tuple(notes),
+        expert_slots=slots, expert_bytes=per_expert, disk_read_gbs=disk_read_gbs, notes=tuple(notes),
     )  # fmt: skip
 
 
@@ -159,13 +188,13 @@ def _gpu_parts(sizes: dict[str, int]) -> list[str]:
     return [k for k in ("attention (MLA)", "shared experts", "dense MLP", "router", "norms", "lm_head") if k in sizes]
 
 
-def _kv_per_token(cfg: ModelConfig) -> int:
-    return cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * KV_BYTES
+def _kv_per_token(cfg: ModelConfig, kv_bytes: int = KV_BYTES) -> int:
+    return cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * kv_bytes
 
 
-def _longest_context(cfg: ModelConfig, gpu_mem: int, sizes: dict[str, int]) -> int:
+def _longest_context(cfg: ModelConfig, gpu_mem: int, sizes: dict[str, int], kv_per_token: int) -> int:
     free = gpu_mem - GPU_RESERVE - sum(sizes[k] for k in _gpu_parts(sizes))
-    return min(cfg.max_position_embeddings, max(1, free // _kv_per_token(cfg)))  # 1 token: let plan() say why
+    return min(cfg.max_position_embeddings, max(1, free // kv_per_token))  # 1 token: let plan() say why
 
 
 def checkpoint_dtypes(path: str | Path) -> dict[str, str]:
@@ -187,12 +216,27 @@ def format_plan(p: Plan) -> str:
     rows.append(f"host RAM: {_gib(p.bytes_on('host'))} of {_gib(p.host_budget)}")
     rows.append(f"KV cache: {p.kv_bytes_per_token:,} bytes/token, {p.kv_capacity_tokens:,} tokens")
     per_token = p.routed_bytes_per_token / 1e9
-    if any(c.device == "disk" for c in p.components):
-        rows.append(f"decode: {per_token:.2f} GB of routed experts per token; no speed estimate without the disk tier")
-    elif p.host_read_gbs:
+    if p.host_read_gbs and not p.bytes_on("disk"):
         rows.append(f"decode: {per_token:.2f} GB of routed experts per token at {p.host_read_gbs:.1f} GB/s host read "
                     f"-> at most {p.expected_decode_tps:.2f} tokens/s")  # fmt: skip
-    else:
+    elif not p.host_read_gbs:
         rows.append(f"decode: {per_token:.2f} GB of routed experts per token (give --host-read-gbs for tokens/s)")
+    rows += _budget_table(p)
     rows += [f"note: {n}" for n in p.notes]
     return "\n".join(rows)
+
+
+def _budget_table(p: Plan) -> list[str]:
+    """Expected decode speed per host-RAM budget (share of the routed experts in RAM, the rest on disk)."""
+    if not p.host_read_gbs or not p.expert_bytes:
+        return []
+    this = p.bytes_on("host") and p.bytes_on("disk") and p.bytes_on("host") / (p.bytes_on("host") + p.bytes_on("disk"))
+    fractions = sorted({1.0, 0.75, 0.5, 0.25} | ({round(this, 3)} if this else set()), reverse=True)
+    rows = ["", f"routed experts in RAM vs decode tokens/s (host {p.host_read_gbs:.1f} GB/s, "
+                f"disk {p.disk_read_gbs:.2f} GB/s; range: no overlap .. perfect prefetch)"]  # fmt: skip
+    for f in fractions:
+        r = p.tps_range(f)
+        speed = "give --disk-read-gbs" if r is None else f"{r[0]:.2f} .. {r[1]:.2f}"
+        mark = "  <- this plan" if this and abs(f - this) < 1e-3 or (not this and f == 1.0) else ""
+        rows.append(f"  {f:>6.0%}   {speed}{mark}")
+    return rows

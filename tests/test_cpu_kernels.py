@@ -148,3 +148,20 @@ def test_bf16_linear_is_exact_conversion_with_fp32_accumulation():
     out = np.full((2, 1000), np.nan, np.float32)
     bf16_linear(x, w.view(torch.int16).numpy(), out)
     assert relative_error(out, x.astype(np.float64) @ w.double().numpy().T) <= TOL
+
+
+@pytest.mark.parametrize("T", [1, 3, 40])  # decode kernel, and the grouped GEMM
+def test_assignments_marked_minus_one_are_skipped(T):
+    stack = make_stack(E=12, hidden=384, inter=256, seed=4)
+    ids, weights = route(T, 12, 4, seed=T)
+    ids[np.random.default_rng(T).random(ids.shape) < 0.3] = -1
+    ids[0] = -1  # a token with nothing to do here gets zeros
+    x = np.random.default_rng(0).standard_normal((T, 384)).astype(np.float32)
+    out = np.full_like(x, np.nan)
+    routed_moe(x, ids, weights, stack, out)
+    ref = reference_moe(x, ids, weights, stack)
+    assert np.array_equal(out[0], np.zeros(384, np.float32))
+    if T > 1:
+        assert relative_error(out[1:], ref[1:]) <= TOL
+    with pytest.raises(ValueError, match="out of range"):
+        routed_moe(x, np.full_like(ids, -2), weights, stack, out)

@@ -51,10 +51,30 @@ def test_embeddings_move_to_host_when_the_gpu_is_tight():
     assert p.gpu_free_for_expert_cache >= 0
 
 
-def test_host_ram_below_the_experts_plans_a_disk_tier_and_says_it_is_not_supported():
-    p = plan(K2, 24 * GiB, 600 * GiB, 8192)
-    assert {c.name: c.device for c in p.components}["routed experts"] == "disk"
-    assert any("disk tier, which is not supported yet" in n for n in p.notes)
+def test_host_ram_below_the_experts_plans_slots_and_a_disk_tier():
+    p = plan(K2, 24 * GiB, 600 * GiB, 8192, host_read_gbs=89, disk_read_gbs=12)
+    per_layer = p.expert_bytes * 60
+    assert p.expert_slots == 600 * GiB // per_layer == 243  # same slots in every MoE layer
+    sizes = {c.name: c for c in p.components}
+    assert sizes["routed experts"].device == "host" and sizes["routed experts"].nbytes == 243 * per_layer <= 600 * GiB
+    assert sizes["routed (disk tier)"].device == "disk"
+    assert sizes["routed experts"].nbytes + sizes["routed (disk tier)"].nbytes == pytest.approx(1014.93e9, rel=1e-4)
+    assert any("243 of 384 experts per layer" in n for n in p.notes)
+    # all in RAM: 89 / 21.14 tokens/s; half on a 12 GB/s disk: between 1 / (10.57/89 + 10.57/12) and 12 / 10.57
+    assert p.tps_range(1.0)[0] == pytest.approx(p.expected_decode_tps)
+    low, high = p.tps_range(0.5)
+    assert low == pytest.approx(1 / (10.572e9 / 89e9 + 10.572e9 / 12e9), rel=1e-3)
+    assert high == pytest.approx(12e9 / 10.572e9, rel=1e-3)
+    with pytest.raises(PlanError, match="cannot hold even 8 experts per layer"):
+        plan(K2, 24 * GiB, 10 * GiB, 8192)
+
+
+def test_cpu_only_plans_count_everything_against_host_ram():
+    p = plan(K2, 0, 1100 * GiB, None, gpu=False, kv_bytes=4)
+    assert p.bytes_on("gpu") == 0 and p.context == 8192 and p.kv_bytes_per_token == 70_272 * 2
+    assert p.expert_slots == 384 and p.bytes_on("host") == pytest.approx(14.24e9 + 1014.93e9 + 8192 * 140_544, rel=1e-3)
+    with pytest.raises(PlanError, match="the non-expert part does not fit"):
+        plan(K2, 0, 13 * GiB, None, gpu=False)  # 13.27 GiB of non-expert weights
 
 
 def test_parse_bytes():

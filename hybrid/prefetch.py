@@ -1,0 +1,44 @@
+"""Routing-aware prefetch for the disk tier: while layer L computes, layer L+1's router is applied to the current
+residual stream (normalised with L+1's own norm) to predict L+1's experts, and the predicted ones not in RAM are
+read from the checkpoint on the I/O threads, overlapped with layer L's compute. Recent tokens' routing works
+through the tiers' eviction scores: experts a layer keeps choosing stay resident.
+
+The residual after layer L's attention is not what L+1's router will see (L's MoE and L+1's attention are still
+to be added), so this is a prediction; its precision and recall are counted per layer in each tier's stats.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .model import Block, MoE, rms_norm
+from .profile import PROFILE
+from .tiers import LayerTier, to_numpy_ids
+
+
+def predict_experts(block: Block, h: torch.Tensor, limit: int) -> list[int]:
+    """The experts `block`'s router would choose for hidden states h, most-chosen first, at most `limit`."""
+    idx, _ = block.ffn.router(rms_norm(h, block.ffn_norm, block.eps))
+    experts, counts = np.unique(to_numpy_ids(idx), return_counts=True)
+    return experts[np.argsort(-counts, kind="stable")][:limit].tolist()
+
+
+class Prefetcher:
+    def __init__(self, blocks: list[Block], tiers: dict[int, LayerTier]):
+        self.enabled = True
+        for layer, block in enumerate(blocks[:-1]):
+            nxt = blocks[layer + 1]
+            if isinstance(nxt.ffn, MoE) and layer + 1 in tiers:
+                block.after_attention = self._hook(nxt, tiers[layer + 1])
+
+    def _hook(self, nxt: Block, tier: LayerTier):
+        def predict(h: torch.Tensor) -> None:
+            if not self.enabled:
+                return
+            with PROFILE("prefetch predict"):
+                experts = predict_experts(nxt, h, tier.slots)
+            tier.last_prediction = set(experts)
+            tier.prefetch(experts)
+
+        return predict

@@ -1,0 +1,96 @@
+"""Expert tiers and the prefetcher: outputs never depend on the budget, the tiers stay inside it, and a shard that
+breaks mid-run fails the request that needed it, clearly, without breaking the engine."""
+
+import shutil
+import tracemalloc
+
+import pytest
+import torch
+
+from hybrid import Engine
+from hybrid.config import ModelConfig
+from hybrid.placement import plan
+from hybrid.tiers import ExpertReadError
+
+PROMPT = list(range(30, 70))  # 40 tokens: the prefill chunk touches every expert (more than the slots)
+
+
+def host_budget(checkpoint, slots: int) -> int:
+    """host_mem that leaves exactly `slots` experts per MoE layer after the non-expert part (CPU-only plan)."""
+    cfg = ModelConfig.from_file(checkpoint)
+    full = plan(cfg, 0, 1 << 40, None, gpu=False, kv_bytes=4)
+    n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    routed_in_ram = {c.name: c.nbytes for c in full.components}["routed experts"]
+    return full.bytes_on("host") - routed_in_ram + slots * full.expert_bytes * n_moe
+
+
+@pytest.fixture(scope="module")
+def full(tiny):
+    return Engine.from_pretrained(tiny, progress=False)
+
+
+@pytest.mark.parametrize("slots", [8, 4])  # half the experts; exactly top-k
+def test_tokens_and_logits_do_not_depend_on_the_budget(tiny, full, slots):
+    small = Engine.from_pretrained(tiny, progress=False, host_mem=host_budget(tiny, slots))
+    assert small.plan.expert_slots == slots and set(small.tiers) == {1, 2}
+    a, b = small.logits(PROMPT), full.logits(PROMPT)
+    assert float((a - b).abs().max() / b.abs().max()) <= 1e-5  # prefill: experts in rounds of `slots`
+    for prefetch in (True, False):
+        small.prefetcher.enabled = prefetch
+        assert list(small.generate(PROMPT[:5], 24)) == list(full.generate(PROMPT[:5], 24))
+    stats = small.tiers[1].stats
+    assert stats.misses > 0 and stats.bytes_read >= stats.misses * small.plan.expert_bytes
+
+
+def test_tier_allocations_stay_inside_the_budget(tiny):
+    tracemalloc.start()
+    try:
+        engine = Engine.from_pretrained(tiny, progress=False, host_mem=host_budget(tiny, 6))
+        slots_bytes = 6 * engine.plan.expert_bytes * len(engine.tiers)
+
+        def tier_allocations() -> int:
+            snap = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(True, "*hybrid/tiers.py")])
+            return sum(s.size for s in snap.statistics("filename"))
+
+        assert slots_bytes <= tier_allocations() <= slots_bytes + 64 * 1024  # the slots, plus small bookkeeping
+        list(engine.generate(PROMPT, 16))
+        assert tier_allocations() <= slots_bytes + 64 * 1024  # reads land in the slots: nothing else grows
+    finally:
+        tracemalloc.stop()
+    routed_in_ram = {c.name: c.nbytes for c in engine.plan.components}["routed experts"]
+    assert sum(t.nbytes for t in engine.tiers.values()) == routed_in_ram == slots_bytes
+    assert engine.plan.bytes_on("host") <= engine.plan.host_budget
+    for tier in engine.tiers.values():
+        resident = tier.expert_in[tier.expert_in >= 0]
+        assert len(resident) <= tier.slots and all(tier.slot_of[e] == s for s, e in enumerate(tier.expert_in) if e >= 0)
+
+
+def test_prefetcher_counts_its_predictions(tiny):
+    engine = Engine.from_pretrained(tiny, progress=False, host_mem=host_budget(tiny, 8))
+    list(engine.generate(PROMPT[:3], 32))
+    first, second = engine.tiers[1].stats, engine.tiers[2].stats
+    # layer 1 is predicted from layer 0's attention, layer 2 from layer 1's: one prediction per step each
+    assert first.predicted > 0 and second.predicted > 0
+    for s in (first, second):
+        assert 0 <= s.precision <= 1 and 0 < s.recall <= 1
+        assert s.hits + s.waits + s.misses == s.used_when_predicted
+
+
+def test_a_broken_shard_fails_the_request_and_the_engine_recovers(tiny, tmp_path, full):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny, ckpt)
+    engine = Engine.from_pretrained(ckpt, progress=False, host_mem=host_budget(tiny, 4))
+    expected = list(full.generate(PROMPT[:5], 8))
+    assert list(engine.generate(PROMPT[:5], 8)) == expected
+    shard = engine.tiers[2].infos["model.layers.2.mlp.experts.9.up_proj.weight"].file
+    saved = shard.read_bytes()
+    shard.write_bytes(saved[: len(saved) // 2])  # truncated under the running engine
+    with pytest.raises(ExpertReadError, match=rf"{shard.name}: tensor 'model\.layers\.2\.mlp\.experts\.\d+\..*"):
+        for _ in range(4):  # some steps may still hit RAM; a long prefill needs every expert
+            engine.logits(PROMPT)
+    shard.unlink()
+    with pytest.raises(ExpertReadError, match="cannot open shard"):
+        engine.logits(PROMPT)
+    shard.write_bytes(saved)
+    assert list(engine.generate(PROMPT[:5], 8)) == expected
+    assert torch.isfinite(engine.logits(PROMPT)).all()
