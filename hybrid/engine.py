@@ -117,12 +117,14 @@ class Engine:
 
             cpu_kernels.warmup()  # compiled once, then loaded from Numba's disk cache: no JIT wait later
             worker = ExpertWorker(cfg.hidden_size, cfg.num_experts_per_tok, dev, cls.PREFILL_CHUNK)
-            factory = _hybrid_factory(source, worker, dev, the_plan.expert_slots if tiered else 0)
+            factory = _hybrid_factory(source, worker, dev, the_plan.expert_slots if tiered else 0,
+                                      _gpu_cache_slots(cfg, the_plan) if cuda else 0)  # fmt: skip
         model = assemble(cfg, place, experts=factory, progress=progress)
         engine = cls(cfg, model, path, max_context, the_plan, worker)
         engine.tiers = {i: b.ffn.experts.tier for i, b in enumerate(model.blocks)
                         if getattr(getattr(b.ffn, "experts", None), "tier", None) is not None}  # fmt: skip
         engine.prefetcher = Prefetcher(model.blocks, engine.tiers) if engine.tiers else None
+        engine.gpu_cache_slots = _gpu_cache_slots(cfg, the_plan) if cuda and experts == "cpu" else 0
         return engine
 
     def _check_ids(self, ids: list[int], new_tokens: int = 0) -> torch.Tensor:
@@ -171,12 +173,21 @@ class Engine:
             pos += 1
 
 
-def _hybrid_factory(source: TensorSource, worker: ExpertWorker, dev: torch.device, slots: int):
+def _gpu_cache_slots(cfg: ModelConfig, the_plan: Plan) -> int:
+    """Hot-expert cache slots per MoE layer in the VRAM the plan leaves free (minus the two streaming slots)."""
+    n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    free = the_plan.gpu_free_for_expert_cache - 2 * the_plan.expert_bytes
+    return int(min(cfg.n_routed_experts, max(0, free) // max(1, the_plan.expert_bytes * n_moe)))
+
+
+def _hybrid_factory(source: TensorSource, worker: ExpertWorker, dev: torch.device, slots: int, cache_slots: int):
     """Per MoE layer: stack the experts (pinned when a GPU may stream them) or, with `slots`, give the layer that
-    many RAM slots over the checkpoint's files (the disk tier); wrap them in the hybrid backend."""
+    many RAM slots over the checkpoint's files (the disk tier); with `cache_slots`, a hot-expert cache in VRAM;
+    wrap them in the hybrid backend."""
     from concurrent.futures import ThreadPoolExecutor
 
     from .cpu_experts import pin, stack_experts
+    from .gpu_cache import GpuExpertCache
     from .gpu_experts import HybridExperts, StagingBuffers, StreamedExperts, measure_rates
     from .tiers import LayerTier
 
@@ -184,17 +195,21 @@ def _hybrid_factory(source: TensorSource, worker: ExpertWorker, dev: torch.devic
     shared: dict = {}
 
     def factory(layer, routed, names):
+        E = len(routed)
         if slots:
             io = shared.setdefault("io", ThreadPoolExecutor(IO_THREADS, thread_name_prefix="hybrid-io"))
             template = stack_experts(routed[:1], source, names[:6])
-            tier = LayerTier(layer, len(routed), slots, template, source.tensors, io, pin if cuda else None)
-            return HybridExperts(None, worker, tier=tier)
+            tier = LayerTier(layer, E, slots, template, source.tensors, io, pin if cuda else None)
+            cache = GpuExpertCache(template, E, cache_slots, dev) if cache_slots else None
+            return HybridExperts(None, worker, tier=tier, gpu_cache=cache)
         stack = stack_experts(routed, source, names, pinned=cuda)
         if not cuda:
             return HybridExperts(stack, worker)
         if not shared:
             shared["staging"] = StagingBuffers(stack, dev)
             shared["rates"] = measure_rates(stack, worker, dev)
-        return HybridExperts(stack, worker, StreamedExperts(stack, dev, shared["staging"]), shared["rates"])
+        cache = GpuExpertCache(stack, E, cache_slots, dev) if cache_slots else None
+        return HybridExperts(stack, worker, StreamedExperts(stack, dev, shared["staging"]), shared["rates"],
+                             gpu_cache=cache)  # fmt: skip
 
     return factory

@@ -14,6 +14,7 @@ from cpu_kernels import ExpertStack
 
 from .cpu_experts import ExpertWorker, expert_flops
 from .fp8 import Fp8Weight
+from .gpu_cache import FIELDS, GpuExpertCache
 from .model import MLP
 from .profile import PROFILE
 from .tiers import LayerTier, remap, tier_groups, to_numpy_ids
@@ -111,19 +112,38 @@ class _Done:
         return self.value
 
 
+class _Sum:
+    def __init__(self, pending, extra: torch.Tensor):
+        self.pending, self.extra = pending, extra
+
+    def result(self) -> torch.Tensor:
+        return self.pending.result() + self.extra
+
+
 class HybridExperts:
-    """One MoE layer's routed experts: the CPU worker by default; streamed to the GPU for long chunks when the
-    measured rates say that is faster. `submit` returns at once with something whose result() is the output."""
+    """One MoE layer's routed experts: the CPU worker by default; hot experts from a GPU cache when there is one;
+    streamed to the GPU for long chunks when the measured rates say that is faster. `submit` returns at once
+    with something whose result() is the output."""
 
     def __init__(self, stack: ExpertStack | None, worker: ExpertWorker, streamed: StreamedExperts | None = None,
-                 rates: ExpertRates | None = None, tier: LayerTier | None = None):  # fmt: skip
+                 rates: ExpertRates | None = None, tier: LayerTier | None = None,
+                 gpu_cache: GpuExpertCache | None = None):  # fmt: skip
         """stack: all experts in RAM; or tier: some in RAM slots, the rest read from disk when needed."""
         self.stack, self.worker, self.streamed, self.rates, self.tier = stack, worker, streamed, rates, tier
+        self.gpu_cache = gpu_cache
         self.last_path = "cpu"
 
-    def _submit_tiered(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor):
+    def _host_arrays(self, e: int) -> dict | None:
+        """Expert e's arrays in host RAM (for admission to the GPU cache), or None when it is not there now."""
+        if self.tier is None:
+            return {f: getattr(self.stack, f)[e] for f in FIELDS}
+        slot = self.tier.slot_of[e]
+        return None if slot < 0 or e in self.tier.pending else {f: getattr(self.tier.stack, f)[slot] for f in FIELDS}
+
+    def _submit_cpu(self, x: torch.Tensor, ids: np.ndarray, w: torch.Tensor):
         tier = self.tier
-        ids = to_numpy_ids(idx)
+        if tier is None:
+            return self.worker.submit(self.stack, x, torch.from_numpy(ids), w)
         needed = tier.note_use(ids)
         groups = tier_groups(needed, tier.slots)
         if len(groups) == 1:
@@ -137,17 +157,23 @@ class HybridExperts:
         return _Done(out)
 
     def submit(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor):
-        if self.tier is not None:
-            self.last_path = "cpu"
-            return self._submit_tiered(x, idx, w)
         T, k = idx.shape
+        self.last_path = "cpu"
         if self.streamed is not None and self.rates is not None and T >= MIN_STREAM_TOKENS:
             distinct = int(torch.unique(idx).numel())
             if stream_is_faster(T, k, distinct, self.stack, self.rates):
                 self.last_path = "device"
                 return _Done(self.streamed(x, idx, w))
-        self.last_path = "cpu"
-        return self.worker.submit(self.stack, x, idx, w)
+        if self.tier is None and self.gpu_cache is None:
+            return self.worker.submit(self.stack, x, idx, w)  # ids stay on the device: no host sync here
+        ids = to_numpy_ids(idx)
+        if self.gpu_cache is None:
+            return self._submit_cpu(x, ids, w)
+        on_gpu = self.gpu_cache.split(ids)
+        pending = self._submit_cpu(x, np.where(on_gpu, -1, ids), w)  # the CPU starts on the rest...
+        hot = self.gpu_cache.compute(x, ids, w, on_gpu)  # ...while the GPU computes its cached experts
+        self.gpu_cache.update(ids, self._host_arrays)
+        return _Sum(pending, hot)
 
     def __call__(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return self.submit(x, idx, w).result()

@@ -161,3 +161,21 @@ def test_synthetic_weights_made_in_memory_equal_the_written_checkpoint(tiny):
     on_disk = Engine.from_pretrained(tiny, progress=False)
     ids = list(range(20, 50))
     assert torch.equal(in_memory.logits(ids), on_disk.logits(ids))
+
+
+def test_gpu_cache_computes_hot_experts_and_keeps_the_numbers(stack, worker):
+    """The cache's logic on the CPU as its device: admission by score, split of assignments, same outputs."""
+    from hybrid.gpu_cache import GpuExpertCache
+
+    cache = GpuExpertCache(stack, 12, slots=3, device="cpu")
+    layer = HybridExperts(stack, worker, gpu_cache=cache)
+    rng = np.random.default_rng(0)
+    for step in range(12):
+        T = 1 if step % 3 else 5
+        x = rng.standard_normal((T, 384)).astype(np.float32)
+        skew = np.array([0.3, 0.25, 0.15] + [0.3 / 9] * 9)  # experts 0-2 are hot
+        ids = np.stack([rng.choice(12, size=4, replace=False, p=skew) for _ in range(T)]).astype(np.int64)
+        weights = rng.random((T, 4)).astype(np.float32)
+        out = layer(torch.from_numpy(x), torch.from_numpy(ids), torch.from_numpy(weights))
+        assert relative_error(out.numpy(), reference_moe(x, ids, weights, stack)) <= TOL
+    assert set(cache.expert_in) >= {0, 1} and cache.swaps >= 3 and cache.hit_rate > 0.2

@@ -30,12 +30,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(checkpoint, max_queue: int, max_context: int, model_name: str = MODEL):
+def start_server(checkpoint, max_queue: int, max_context: int, model_name: str = MODEL, extra: tuple = ()):
     """`hybrid serve` in a subprocess on a free loopback port; returns (process, base URL) once /health answers."""
     port = free_port()
     cmd = [sys.executable, "-m", "hybrid.cli", "serve", "--model", str(checkpoint), "--port", str(port),
            "--api-key", KEY, "--max-queue", str(max_queue), "--max-context", str(max_context),
-           "--model-name", model_name]  # fmt: skip
+           "--model-name", model_name, *extra]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120

@@ -1,6 +1,7 @@
 """Expert tiers and the prefetcher: outputs never depend on the budget, the tiers stay inside it, and a shard that
 breaks mid-run fails the request that needed it, clearly, without breaking the engine."""
 
+import json
 import shutil
 import tracemalloc
 
@@ -15,10 +16,10 @@ from hybrid.tiers import ExpertReadError
 PROMPT = list(range(30, 70))  # 40 tokens: the prefill chunk touches every expert (more than the slots)
 
 
-def host_budget(checkpoint, slots: int) -> int:
+def host_budget(checkpoint, slots: int, context: int | None = None) -> int:
     """host_mem that leaves exactly `slots` experts per MoE layer after the non-expert part (CPU-only plan)."""
     cfg = ModelConfig.from_file(checkpoint)
-    full = plan(cfg, 0, 1 << 40, None, gpu=False, kv_bytes=4)
+    full = plan(cfg, 0, 1 << 40, context, gpu=False, kv_bytes=4)
     n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
     routed_in_ram = {c.name: c.nbytes for c in full.components}["routed experts"]
     return full.bytes_on("host") - routed_in_ram + slots * full.expert_bytes * n_moe
@@ -94,3 +95,48 @@ def test_a_broken_shard_fails_the_request_and_the_engine_recovers(tiny, tmp_path
     shard.write_bytes(saved)
     assert list(engine.generate(PROMPT[:5], 8)) == expected
     assert torch.isfinite(engine.logits(PROMPT)).all()
+
+
+def test_a_broken_shard_fails_one_server_request_and_the_server_goes_on(tiny, tmp_path):
+    import openai
+    from test_server import KEY, MODEL, start_server
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny, ckpt)
+    proc, base = start_server(ckpt, max_queue=2, max_context=512, extra=("--host-mem", str(host_budget(tiny, 4, 512))))
+    try:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0)
+        long_prompt = [{"role": "user", "content": " ".join(f"word{i}" for i in range(40))}]
+
+        def ask():
+            return client.chat.completions.create(model=MODEL, messages=long_prompt, max_tokens=4, temperature=0)
+
+        first = ask().choices[0].message.content
+        index = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
+        shard = ckpt / index["model.layers.2.mlp.experts.15.down_proj.weight"]
+        saved = shard.read_bytes()
+        shard.write_bytes(saved[:4096])  # every tensor of this shard is gone now
+        with pytest.raises(openai.InternalServerError) as info:
+            for _ in range(4):
+                ask()
+        assert shard.name in str(info.value) and "truncated shard" in str(info.value)
+        shard.write_bytes(saved)
+        assert ask().choices[0].message.content == first and proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_gpu_cache_over_the_disk_tier_gives_the_same_tokens(tiny, full):
+    """Hot-expert caches (on the CPU as their device) admit only experts that are in RAM, and change nothing."""
+    from hybrid.gpu_cache import GpuExpertCache
+
+    engine = Engine.from_pretrained(tiny, progress=False, host_mem=host_budget(tiny, 6))
+    caches = []
+    for layer, tier in engine.tiers.items():
+        caches.append(GpuExpertCache(tier.stack, tier.n_experts, slots=3, device="cpu"))
+        engine.model.blocks[layer].ffn.experts.gpu_cache = caches[-1]
+    assert list(engine.generate(PROMPT[:5], 24)) == list(full.generate(PROMPT[:5], 24))
+    a, b = engine.logits(PROMPT), full.logits(PROMPT)
+    assert float((a - b).abs().max() / b.abs().max()) <= 1e-5
+    assert all(c.swaps > 0 and c.hit_rate > 0 for c in caches)
