@@ -45,9 +45,6 @@ def _resolve_device(device: str) -> torch.device:
     return dev
 
 
-IO_THREADS = 4  # disk-tier reads in flight (NVMe wants several)
-
-
 class Engine:
     PREFILL_CHUNK = 2048  # tokens per prefill forward: bounds activation memory, fills the expert kernels
 
@@ -184,12 +181,10 @@ def _hybrid_factory(source: TensorSource, worker: ExpertWorker, dev: torch.devic
     """Per MoE layer: stack the experts (pinned when a GPU may stream them) or, with `slots`, give the layer that
     many RAM slots over the checkpoint's files (the disk tier); with `cache_slots`, a hot-expert cache in VRAM;
     wrap them in the hybrid backend."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from .cpu_experts import pin, stack_experts
     from .gpu_cache import GpuExpertCache
     from .gpu_experts import HybridExperts, StagingBuffers, StreamedExperts, measure_rates
-    from .tiers import LayerTier
+    from .tiers import IoPools, LayerTier
 
     cuda = dev.type == "cuda"
     shared: dict = {}
@@ -197,7 +192,7 @@ def _hybrid_factory(source: TensorSource, worker: ExpertWorker, dev: torch.devic
     def factory(layer, routed, names):
         E = len(routed)
         if slots:
-            io = shared.setdefault("io", ThreadPoolExecutor(IO_THREADS, thread_name_prefix="hybrid-io"))
+            io = shared.setdefault("io", IoPools())
             template = stack_experts(routed[:1], source, names[:6])
             tier = LayerTier(layer, E, slots, template, source.tensors, io, pin if cuda else None)
             cache = GpuExpertCache(template, E, cache_slots, dev) if cache_slots else None

@@ -68,7 +68,7 @@ class TierStats:
     predicted: int = 0  # prefetcher: experts predicted for this layer
     predicted_used: int = 0  # ...that the layer then used
     used_when_predicted: int = 0  # experts used in steps that had a prediction
-    read_seconds: float = 0.0
+    cancelled: int = 0  # prefetches dropped before they started (the step did not need them)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, **counts) -> None:
@@ -90,11 +90,19 @@ class TierStats:
         return self.predicted_used / self.used_when_predicted if self.used_when_predicted else 0.0
 
 
+class IoPools:
+    """Reader threads shared by all layers: on-demand reads never queue behind prefetches."""
+
+    def __init__(self, prefetch_threads: int = 4, demand_threads: int = 4):
+        self.prefetch = ThreadPoolExecutor(prefetch_threads, thread_name_prefix="hybrid-prefetch")
+        self.demand = ThreadPoolExecutor(demand_threads, thread_name_prefix="hybrid-read")
+
+
 class LayerTier:
     """The RAM slots of one MoE layer and which expert each holds."""
 
     def __init__(self, layer: int, n_experts: int, slots: int, template: ExpertStack, infos: dict[str, TensorInfo],
-                 io: ThreadPoolExecutor, pin=None):  # fmt: skip
+                 io: IoPools, pin=None):  # fmt: skip
         """template: a 1-expert stack giving shapes; infos: checkpoint tensor name -> where it lies in its shard."""
         self.layer, self.n_experts, self.slots, self.io, self.infos = layer, n_experts, slots, io, infos
         arrays = {}
@@ -143,7 +151,7 @@ class LayerTier:
             self.from_prefetch.discard(int(old))
         self.expert_in[slot], self.slot_of[expert] = expert, slot
 
-    def _start_read(self, expert: int, slot: int) -> Future:
+    def _start_read(self, expert: int, slot: int, demand: bool = False) -> Future:
         def run():
             try:
                 self._read(expert, slot)
@@ -156,7 +164,7 @@ class LayerTier:
                     self.pending.pop(expert, None)
 
         self._assign(expert, slot)
-        fut = self.io.submit(run)
+        fut = (self.io.demand if demand else self.io.prefetch).submit(run)
         self.pending[expert] = fut
         return fut
 
@@ -181,6 +189,12 @@ class LayerTier:
         waits, hits, from_prefetch, late, misses = [], 0, 0, 0, 0
         with self._lock:
             self.score *= DECAY
+            for e, fut in list(self.pending.items()):  # mispredicted reads that have not started: drop them
+                if e not in need and fut.cancel():
+                    slot = self.slot_of[e]
+                    self.slot_of[e], self.expert_in[slot] = -1, -1
+                    del self.pending[e]
+                    self.stats.add(cancelled=1)
             todo = []
             for e in needed:
                 if e in self.pending:  # a prefetch still reading it
@@ -194,7 +208,7 @@ class LayerTier:
         while todo:
             with self._lock:
                 while todo and (slot := self._victim(need)) is not None:
-                    waits.append(self._start_read(todo.pop(), slot))
+                    waits.append(self._start_read(todo.pop(), slot, demand=True))
                     misses += 1
                 busy = list(self.pending.values())
             if todo:  # every other slot is being filled by a prefetch: let those reads land, then evict
