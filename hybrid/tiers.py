@@ -93,7 +93,7 @@ class TierStats:
 class IoPools:
     """Reader threads shared by all layers: on-demand reads never queue behind prefetches."""
 
-    def __init__(self, prefetch_threads: int = 4, demand_threads: int = 4):
+    def __init__(self, prefetch_threads: int = 2, demand_threads: int = 4):
         self.prefetch = ThreadPoolExecutor(prefetch_threads, thread_name_prefix="hybrid-prefetch")
         self.demand = ThreadPoolExecutor(demand_threads, thread_name_prefix="hybrid-read")
 
