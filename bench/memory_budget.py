@@ -34,16 +34,7 @@ from hybrid.config import ModelConfig  # noqa: E402
 from hybrid.placement import plan  # noqa: E402
 from hybrid.presets import synthetic_config  # noqa: E402
 from hybrid.synthetic import write_checkpoint  # noqa: E402
-from hybrid.tiers import disk_read_bandwidth  # noqa: E402
-
-
-def drop_page_cache(files: list[Path]) -> None:
-    for path in files:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+from hybrid.tiers import drop_cached, disk_read_bandwidth  # noqa: E402
 
 
 def host_budget(cfg: ModelConfig, fraction: float, context: int, gpu: bool) -> tuple[int, int]:
@@ -59,12 +50,14 @@ def run_point(ckpt: Path, shards: list[Path], args, fraction: float, prefetch: b
     cfg = ModelConfig.from_file(ckpt)
     context = args.prompt + args.tokens + 8
     host_mem, slots = host_budget(cfg, fraction, context, args.device == "cuda")
-    drop_page_cache(shards)
+    for path in shards:
+        drop_cached(path)
     engine = Engine.from_pretrained(ckpt, device=args.device, host_mem=host_mem, gpu_mem=gpu_mem, max_context=context,
                                     progress=False)  # fmt: skip
     if engine.prefetcher is not None:
-        engine.prefetcher.enabled = prefetch
-    drop_page_cache(shards)
+        engine.prefetcher.enabled, engine.prefetcher.depth = prefetch, args.prefetch_depth
+    for path in shards:
+        drop_cached(path)
     prompt = list(range(100, 100 + args.prompt))
     stamps, tokens = [], []
     t0 = time.perf_counter()
@@ -131,6 +124,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--budgets", default="100,75,50,25", help="percent of the routed experts held in RAM")
     p.add_argument("--gpu-mem", nargs="*", default=[None], help="with --device cuda: GPU budgets to sweep")
+    p.add_argument("--prefetch-depth", type=int, help="predicted experts read ahead per layer and step (default: all)")
     p.add_argument("--prompt", type=int, default=8)
     p.add_argument("--tokens", type=int, default=24)
     p.add_argument("--out-dir", type=Path, default=RESULTS)
