@@ -54,6 +54,9 @@ class Engine:
         self.device = model.device
         self.max_context = max_context or cfg.max_position_embeddings
         self.kv_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.tiers: dict = {}  # MoE layer -> its LayerTier, when host RAM holds only some experts
+        self.prefetcher: Prefetcher | None = None
+        self.gpu_cache_slots = 0  # hot experts per MoE layer kept in VRAM
         if worker is not None:
             weakref.finalize(self, worker.close)
 
