@@ -8,6 +8,8 @@ import tracemalloc
 import pytest
 import torch
 
+from conftest import assert_greedy_agrees
+
 from hybrid import Engine
 from hybrid.config import ModelConfig
 from hybrid.placement import plan
@@ -140,3 +142,23 @@ def test_gpu_cache_over_the_disk_tier_gives_the_same_tokens(tiny, full):
     a, b = engine.logits(PROMPT), full.logits(PROMPT)
     assert float((a - b).abs().max() / b.abs().max()) <= 1e-5
     assert all(c.swaps > 0 and c.hit_rate > 0 for c in caches)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_engine_with_disk_tier_and_hot_cache_matches_the_cpu_engine(tiny, full):
+    """On the GPU box: pinned tier slots, the VRAM hot-expert cache and the prefetcher together."""
+    cfg = ModelConfig.from_file(tiny)
+    gpu_plan = plan(cfg, 1 << 40, 1 << 40, 256)
+    n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    gpu_mem = gpu_plan.bytes_on("gpu") + (1 << 30) + 6 * gpu_plan.expert_bytes * n_moe  # ~4 cached experts/layer
+    routed = {c.name: c.nbytes for c in gpu_plan.components}["routed experts"]
+    host_mem = gpu_plan.bytes_on("host") - routed + 8 * gpu_plan.expert_bytes * n_moe
+    engine = Engine.from_pretrained(tiny, device="cuda", gpu_mem=gpu_mem, host_mem=host_mem, max_context=256,
+                                    progress=False)  # fmt: skip
+    assert engine.plan.expert_slots == 8 and engine.gpu_cache_slots >= 2 and engine.prefetcher is not None
+    ours, theirs = engine.logits(PROMPT), full.logits(PROMPT)
+    assert float((ours - theirs).abs().max() / theirs.abs().max()) <= 2e-2
+    tokens = list(engine.generate(PROMPT[:5], 24))
+    cache = engine.model.blocks[1].ffn.experts.gpu_cache
+    assert cache.swaps > 0 and cache.hit_rate > 0
+    assert_greedy_agrees(tokens, full, PROMPT[:5], 24)
