@@ -31,6 +31,7 @@ from cpu_kernels.stream import read_bandwidth  # noqa: E402
 from hybrid import Engine  # noqa: E402
 from hybrid.config import ModelConfig  # noqa: E402
 from hybrid.model import MoE  # noqa: E402
+from hybrid.placement import GPU_RESERVE, parse_bytes, plan  # noqa: E402
 from hybrid.presets import KIMI_K2_INSTRUCT, synthetic_config  # noqa: E402
 from hybrid.profile import PROFILE  # noqa: E402
 from hybrid.synthetic import SyntheticTensors  # noqa: E402
@@ -40,13 +41,28 @@ K2_MOE_LAYERS = K2.num_hidden_layers - K2.first_k_dense_replace
 TARGET_RATIO = 1.15  # issue 4: time per token <= 1.15 x routed bytes per token / STREAM
 
 
+def k2_equivalent_gpu_mem(cfg: ModelConfig, gpu_mem: int, context: int) -> int:
+    """A GPU budget giving the slice the hot-expert cache per layer that the whole of Kimi-K2 would get from
+    `gpu_mem` (a few experts per layer on a 24 GB card), not the slice's own leftover VRAM (which would cache
+    most of its experts and hide the CPU side)."""
+    k2 = plan(K2, gpu_mem, 1 << 50, context)
+    per_layer = k2.gpu_free_for_expert_cache // (k2.expert_bytes * K2_MOE_LAYERS)
+    own = plan(cfg, 1 << 50, 1 << 50, context)
+    n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    return own.bytes_on("gpu") + GPU_RESERVE + (per_layer * n_moe + 2) * own.expert_bytes
+
+
 def build(args) -> Engine:
     ctx = args.prompt + args.tokens + 8 + max(args.prefill, default=0)
     if args.checkpoint:
-        return Engine.from_pretrained(args.checkpoint, device=args.device, max_context=ctx)
-    overrides = {"n_routed_experts": args.experts, **({"vocab_size": args.vocab} if args.vocab else {})}
-    cfg = ModelConfig.from_dict(synthetic_config("k2-slice", layers=args.layers, **overrides))
-    return Engine.from_tensors(cfg, SyntheticTensors(cfg), device=args.device, max_context=ctx)
+        cfg = ModelConfig.from_file(args.checkpoint)
+    else:
+        overrides = {"n_routed_experts": args.experts, **({"vocab_size": args.vocab} if args.vocab else {})}
+        cfg = ModelConfig.from_dict(synthetic_config("k2-slice", layers=args.layers, **overrides))
+    gpu_mem = k2_equivalent_gpu_mem(cfg, parse_bytes(args.gpu_mem), ctx) if args.device == "cuda" else None
+    if args.checkpoint:
+        return Engine.from_pretrained(args.checkpoint, device=args.device, gpu_mem=gpu_mem, max_context=ctx)
+    return Engine.from_tensors(cfg, SyntheticTensors(cfg), device=args.device, gpu_mem=gpu_mem, max_context=ctx)
 
 
 def timed_decode(engine: Engine, prompt: list[int], tokens: int, profile: bool) -> float:
@@ -77,6 +93,8 @@ def main() -> None:
     p.add_argument("--experts", type=int, default=K2.n_routed_experts, help="routed experts per MoE layer")
     p.add_argument("--vocab", type=int, help="vocabulary size (default K2's 163840)")
     p.add_argument("--checkpoint", type=Path, help="load this checkpoint instead of synthesizing one")
+    p.add_argument("--gpu-mem", default="24GiB", help="the card modelled: the slice gets the hot-expert cache per "
+                   "layer Kimi-K2 would get on it (default 24GiB)")
     p.add_argument("--prompt", type=int, default=32, help="prompt tokens before decoding")
     p.add_argument("--tokens", type=int, default=16, help="decode steps timed")
     p.add_argument("--prefill", type=int, nargs="*", default=[512, 4096], help="prefill lengths timed")
@@ -116,7 +134,7 @@ def main() -> None:
 
     record = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **machine(), "device": str(engine.device),
-        "layers": cfg.num_hidden_layers, "moe_layers": len(moe), "experts": cfg.n_routed_experts,
+        "gpu_cache_experts_per_layer": engine.gpu_cache_slots, "layers": cfg.num_hidden_layers, "moe_layers": len(moe), "experts": cfg.n_routed_experts,
         "vocab": cfg.vocab_size, "source": str(args.checkpoint or "synthetic in memory"), "load_s": round(load_s, 1),
         "stream_gbs": round(stream, 2), "decode_tokens_per_s": round(1 / step_s, 3), "step_ms": round(1e3 * step_s, 2),
         "phases_ms_per_token": {k: round(1e3 * v, 3) for k, v in sorted(phases.items())},
