@@ -155,8 +155,14 @@ class Router:
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """noaux_tc routing: (expert ids [T, k], weights [T, k])."""
+        return self.route(self.scores(x))
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Sigmoid affinity of every token to every expert [T, E]."""
+        return torch.sigmoid(F.linear(x.float(), self.weight.float()))
+
+    def route(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
-        scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))
         choice = scores + self.bias.float()
         if cfg.n_group > 1:
             per_group = choice.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group)

@@ -10,7 +10,6 @@ to be added), so this is a prediction; its precision and recall are counted per 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .model import Block, MoE, rms_norm
 from .profile import PROFILE
@@ -21,9 +20,9 @@ def predict_experts(block: Block, h: torch.Tensor, limit: int) -> list[int]:
     """The experts `block`'s router would choose for hidden states h, ranked by the selection scores they would
     get summed over the tokens (the top ranks are the surest: measured ~0.9 for rank 1 vs ~0.5 for rank 8 on a
     random K2-width slice), at most `limit`."""
-    idx, _ = block.ffn.router(rms_norm(h, block.ffn_norm, block.eps))
     router = block.ffn.router
-    scores = torch.sigmoid(F.linear(rms_norm(h, block.ffn_norm, block.eps), router.weight.float()))
+    scores = router.scores(rms_norm(h, block.ffn_norm, block.eps))
+    idx, _ = router.route(scores)
     chosen = torch.zeros_like(scores).scatter_(1, idx, 1.0)
     total = ((scores + router.bias.float()) * chosen).sum(0)
     order = torch.argsort(total, descending=True)[: min(limit, int(chosen.any(0).sum()))]
@@ -32,7 +31,7 @@ def predict_experts(block: Block, h: torch.Tensor, limit: int) -> list[int]:
 
 class Prefetcher:
     def __init__(self, blocks: list[Block], tiers: dict[int, LayerTier], depth: int | None = None):
-        """depth: predicted experts read ahead per layer and step (default: the model's top-k)."""
+        """depth: predicted experts read ahead per layer and step (default: all the prediction holds)."""
         self.enabled, self.depth = True, depth
         for layer, block in enumerate(blocks[:-1]):
             nxt = blocks[layer + 1]
