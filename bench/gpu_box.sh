@@ -5,6 +5,7 @@
 #   bash bench/gpu_box.sh decode     # bench/decode.py on the k2-slice (384 experts, in memory), ~6 min
 #   bash bench/gpu_box.sh budget     # bench/memory_budget.py on a written K2-width slice (128 experts), ~8 min
 #   bash bench/gpu_box.sh experts    # bench/cpu_experts.py with all 384 experts, ~5 min
+#   bash bench/gpu_box.sh kernels    # bench/cuda_kernels.py (builds cuda/ first, ~2 min)
 #
 # Results go to $OUT (the device tool's return folder) when set, else bench/results. The box's python3 has torch,
 # numba, safetensors, tiktoken and transformers; jinja2, psutil, tqdm, openai and matplotlib may be missing:
@@ -20,7 +21,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 
 case "${1:-tests}" in
 tests)
-    python3 -m pytest -q -rs tests/test_hybrid.py tests/test_tiers.py 2>&1 | tail -30 | tee "$OUT/gpu_tests.txt"
+    python3 -m pytest -q -rs tests/test_hybrid.py tests/test_tiers.py tests/test_cuda_kernels.py 2>&1 | tail -30 \
+        | tee "$OUT/gpu_tests.txt"
     ;;
 decode)
     python3 bench/decode.py --device cuda --prefill 512 4096 --out "$OUT/decode.jsonl" 2>&1 | grep -v '^{' | tail -30
@@ -33,8 +35,12 @@ budget)
 experts)
     python3 bench/cpu_experts.py --out "$OUT/cpu_experts.jsonl" 2>&1 | tail -12
     ;;
+kernels)
+    python3 -m pytest -q -rs tests/test_cuda_kernels.py 2>&1 | tail -5
+    python3 bench/cuda_kernels.py 2>&1 | tail -30
+    ;;
 *)
-    echo "usage: bash bench/gpu_box.sh tests|decode|budget|experts" >&2
+    echo "usage: bash bench/gpu_box.sh tests|decode|budget|experts|kernels" >&2
     exit 2
     ;;
 esac

@@ -116,6 +116,10 @@ class Engine:
             import cpu_kernels
 
             cpu_kernels.warmup()  # compiled once, then loaded from Numba's disk cache: no JIT wait later
+            if cuda:
+                from .cuda_kernels import kernels
+
+                kernels()  # built once by torch's extension loader, then cached; checked before use
             worker = ExpertWorker(cfg.hidden_size, cfg.num_experts_per_tok, dev, cls.PREFILL_CHUNK)
             factory = _hybrid_factory(source, worker, dev, the_plan.expert_slots if tiered else 0,
                                       _gpu_cache_slots(cfg, the_plan) if cuda else 0)  # fmt: skip

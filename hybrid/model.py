@@ -27,11 +27,17 @@ FUSED_MAX_TOKENS = 4  # up to here a CPU fp8 linear streams the codes; beyond, d
 
 def linear(x: torch.Tensor, w: Fp8Weight | torch.Tensor) -> torch.Tensor:
     """y = x W^T in fp32 (the one place a linear's path is chosen)."""
-    if x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= FUSED_MAX_TOKENS and not x.requires_grad:
-        if isinstance(w, Fp8Weight):
+    if x.dim() == 2 and x.shape[0] <= FUSED_MAX_TOKENS and not x.requires_grad:
+        if x.device.type == "cpu" and isinstance(w, Fp8Weight):
             return fp8_matmul_cpu(x, w)
-        if w.dtype == torch.bfloat16 and not w.requires_grad:  # the lm_head: no 4-byte copy of it per token
+        if x.device.type == "cpu" and w.dtype == torch.bfloat16 and not w.requires_grad:  # lm_head: no fp32 copy
             return bf16_matmul_cpu(x, w)
+        if x.is_cuda and isinstance(w, Fp8Weight):
+            from .cuda_kernels import fp8_linear  # cuda/fp8_linear.cu, when it builds and passes its check
+
+            y = fp8_linear(x, w.q, w.scale)
+            if y is not None:
+                return y
     return F.linear(x, dense(w))
 
 
