@@ -109,6 +109,15 @@ def test_cli_generate_prints_text_and_speed(tiny):
     r = run("-m", "hybrid.cli", "generate", "--model", str(tiny), "--prompt", "Hello there", "--max-new-tokens", "8")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("Hello there") and "tokens/s" in r.stderr
+    # a host budget far below the experts (the disk tier) prints the same text
+    from test_tiers import host_budget
+
+    small = run("-m", "hybrid.cli", "generate", "--model", str(tiny), "--prompt", "Hello there", "--max-new-tokens",
+                "8", "--host-mem", str(host_budget(tiny, 4)))  # fmt: skip
+    assert small.returncode == 0, small.stderr
+    assert small.stdout == r.stdout
+    refused = run("-m", "hybrid.cli", "generate", "--model", str(tiny), "--prompt", "x", "--host-mem", "1MiB")
+    assert refused.returncode == 2 and "does not fit" in refused.stderr and "Traceback" not in refused.stderr
 
 
 def test_cli_reports_a_bad_checkpoint_without_a_traceback(tmp_path):

@@ -111,6 +111,11 @@ def test_cli_plan_table_json_and_refusal(tiny):
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
     assert data["context"] == 1024 and data["host_read_gbs"] == 20 and data["gpu_bytes"] > 0
+    r = hybrid_plan("--preset", "kimi-k2-instruct", "--gpu-mem", "24GiB", "--host-mem", "600GiB", "--context",
+                    "32768", "--host-read-gbs", "89", "--disk-read-gbs", "12")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "routed (disk tier)    disk    347.08 GiB" in r.stdout
+    assert "     50%   1.00 .. 1.14" in r.stdout and "63%   1.25 .. 1.55  <- this plan" in r.stdout
     r = hybrid_plan("--preset", "kimi-k2-instruct", "--gpu-mem", "8GiB", "--host-mem", "1100GiB",
                     "--host-read-gbs", "89")  # fmt: skip
     assert r.returncode == 1 and "the GPU part does not fit" in r.stderr and "short by" in r.stderr
