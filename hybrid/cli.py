@@ -19,6 +19,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     engine = Engine.from_pretrained(args.model, **_engine_options(args))
     tokenizer = Tokenizer(args.model)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    _print_plan_notes(engine)
     ids = tokenizer.encode(args.prompt)
     stop = [i for i in (tokenizer.eos_id, tokenizer.special.get("<|im_end|>")) if i is not None]
     print(args.prompt, end="", flush=True)
@@ -77,6 +78,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     tools = json.loads(Path(args.tools).read_text()) if args.tools else None
     session = ChatSession.open(args.model, max_context=args.max_context, **_engine_options(args))
+    _print_plan_notes(session.engine)
     return ChatLoop(session, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                     tools=tools).run()  # fmt: skip
 
@@ -91,6 +93,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = args.model_name or Path(args.model).resolve().name
     app = create_app(Server(session, name, api_key=args.api_key, max_queue=args.max_queue))
     print(f"serving '{name}' on http://{args.host}:{args.port}/v1 (context {session.max_context})", file=sys.stderr)
+    _print_plan_notes(session.engine)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
@@ -100,6 +103,12 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-mem", help="GPU budget, e.g. 22GiB (default: what is free)")
     parser.add_argument("--host-mem", help="host RAM budget, e.g. 500GiB (default: what is available); below the "
                         "routed experts' size the rest are read from the checkpoint when needed")  # fmt: skip
+
+
+def _print_plan_notes(engine) -> None:
+    """What the budgets changed (disk tier, embeddings off the GPU), so a slow start is not a mystery."""
+    for note in engine.plan.notes if engine.plan else ():
+        print(f"note: {note}", file=sys.stderr)
 
 
 def _engine_options(args: argparse.Namespace) -> dict:
