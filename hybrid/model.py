@@ -12,6 +12,8 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 
+from cpu_kernels import mla
+
 from .config import ModelConfig, yarn_mscale
 from .fp8 import Fp8Weight, bf16_matmul_cpu, fp8_matmul_cpu
 from .profile import PROFILE
@@ -39,6 +41,30 @@ def linear(x: torch.Tensor, w: Fp8Weight | torch.Tensor) -> torch.Tensor:
             if y is not None:
                 return y
     return F.linear(x, dense(w))
+
+
+def _fused_cpu(x: torch.Tensor, w) -> bool:
+    return isinstance(w, Fp8Weight) and x.device.type == "cpu" and not x.requires_grad
+
+
+def absorb_query(q_nope: torch.Tensor, kv_b: Fp8Weight | torch.Tensor, dv: int) -> torch.Tensor:
+    """MLA decode: q_nope [nh, dn] -> [nh, C], the query against the latent cache (kv_b's key half absorbed)."""
+    nh, dn = q_nope.shape
+    if _fused_cpu(q_nope, kv_b):
+        return torch.from_numpy(mla.absorb_query(q_nope.float().numpy(), *_codes_and_scales(kv_b), dv))
+    return torch.einsum("hd,hdc->hc", q_nope, dense(kv_b).view(nh, dn + dv, -1)[:, :dn])
+
+
+def absorb_value(ctx: torch.Tensor, kv_b: Fp8Weight | torch.Tensor, dn: int) -> torch.Tensor:
+    """MLA decode: attention-weighted latents ctx [nh, C] -> [nh, dv] (kv_b's value half absorbed)."""
+    nh, C = ctx.shape
+    if _fused_cpu(ctx, kv_b):
+        return torch.from_numpy(mla.absorb_value(ctx.float().contiguous().numpy(), *_codes_and_scales(kv_b), dn))
+    return torch.einsum("hc,hvc->hv", ctx, dense(kv_b).view(nh, -1, C)[:, dn:])
+
+
+def _codes_and_scales(w: Fp8Weight):
+    return w.q.contiguous().view(torch.uint8).numpy().view("int8"), w.scale.float().contiguous().numpy()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -122,13 +148,13 @@ class Attention:
         cache.pe[self.layer][start:end] = apply_rope(kv[:, C:], cos, sin)
         c, pe = cache.c[self.layer][:end].float(), cache.pe[self.layer][:end].float()
 
-        w_kvb = dense(self.kv_b).view(nh, dn + dv, C)
         if T == 1:  # absorbed decode: never expand the cache into per-head keys and values
-            q_abs = torch.einsum("thd,hdc->thc", q_nope, w_kvb[:, :dn])
+            q_abs = absorb_query(q_nope[0], self.kv_b, dv)[None]
             scores = torch.einsum("thc,sc->hts", q_abs, c) + torch.einsum("thr,sr->hts", q_pe, pe)
             p = torch.softmax(scores * cfg.softmax_scale, dim=-1, dtype=torch.float32)
-            out = torch.einsum("thc,hdc->thd", torch.einsum("hts,sc->thc", p, c), w_kvb[:, dn:])
+            out = absorb_value(torch.einsum("hts,sc->thc", p, c)[0], self.kv_b, dn)[None]
         else:  # prefill: expand the latents once per chunk, then fused attention (flash kernels on the GPU)
+            w_kvb = dense(self.kv_b).view(nh, dn + dv, C)
             kvb = F.linear(c, w_kvb.view(-1, C)).view(end, nh, dn + dv)
             k = torch.cat([kvb[..., :dn], pe[:, None].expand(end, nh, dr)], dim=-1)
             q = torch.cat([q_nope, q_pe], dim=-1)

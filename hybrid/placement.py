@@ -160,7 +160,7 @@ def plan(cfg: ModelConfig, gpu_mem: int, host_mem: int, context: int | None, hos
     routed = sizes.get("routed experts", 0)
     n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
     per_expert = routed // max(1, n_moe * cfg.n_routed_experts)
-    slots = min(cfg.n_routed_experts, max(0, host_left) // max(1, per_expert * n_moe)) if routed else 0
+    slots = min(cfg.n_routed_experts, max(0, host_left) // max(1, per_expert * n_moe)) if routed else cfg.n_routed_experts
     if routed and slots < cfg.num_experts_per_tok:
         need = cfg.num_experts_per_tok * per_expert * n_moe - host_left
         raise PlanError(f"host RAM cannot hold even {cfg.num_experts_per_tok} experts per layer (top-k) besides the "

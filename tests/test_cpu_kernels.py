@@ -165,3 +165,19 @@ def test_assignments_marked_minus_one_are_skipped(T):
         assert relative_error(out[1:], ref[1:]) <= TOL
     with pytest.raises(ValueError, match="out of range"):
         routed_moe(x, np.full_like(ids, -2), weights, stack, out)
+
+
+def test_mla_absorbed_products_match_float64_at_k2_shapes():
+    from cpu_kernels.mla import absorb_query, absorb_value
+
+    H, dn, dv, C = 64, 128, 128, 512  # Kimi-K2: kv_b is [64 * 256, 512]
+    stack = make_stack(E=1, hidden=C, inter=H * (dn + dv), seed=11)  # gate: [16384, 512] with edge codes
+    W, S = stack.gate[0], stack.gate_s[0]
+    w = dequantize_np(W, S).reshape(H, dn + dv, C)
+    rng = np.random.default_rng(2)
+    q = rng.standard_normal((H, dn)).astype(np.float32)
+    ctx = rng.standard_normal((H, C)).astype(np.float32)
+    assert relative_error(absorb_query(q, W, S, dv), np.einsum("hd,hdc->hc", q, w[:, :dn])) <= TOL
+    assert relative_error(absorb_value(ctx, W, S, dn), np.einsum("hc,hvc->hv", ctx, w[:, dn:])) <= TOL
+    with pytest.raises(ValueError, match="kv_b"):
+        absorb_query(q[:, :100], W, S, dv)
