@@ -211,8 +211,11 @@ def format_plan(p: Plan) -> str:
     for c in p.components:
         rows.append(f"{c.name:<18}{c.device:>8}{_gib(c.nbytes):>14}")
     rows.append("")
-    rows.append(f"GPU: {_gib(p.bytes_on('gpu'))} of {_gib(p.gpu_budget)} (+ {_gib(GPU_RESERVE)} reserve); "
-                f"{_gib(p.gpu_free_for_expert_cache)} free for a hot-expert cache")  # fmt: skip
+    if p.gpu_budget:
+        rows.append(f"GPU: {_gib(p.bytes_on('gpu'))} of {_gib(p.gpu_budget)} (+ {_gib(GPU_RESERVE)} reserve); "
+                    f"{_gib(p.gpu_free_for_expert_cache)} free for a hot-expert cache")  # fmt: skip
+    else:
+        rows.append("GPU: none (everything on the CPU)")
     rows.append(f"host RAM: {_gib(p.bytes_on('host'))} of {_gib(p.host_budget)}")
     rows.append(f"KV cache: {p.kv_bytes_per_token:,} bytes/token, {p.kv_capacity_tokens:,} tokens")
     per_token = p.routed_bytes_per_token / 1e9
