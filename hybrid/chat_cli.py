@@ -62,6 +62,8 @@ class ChatLoop:
             prompt = len(self.session.prompt_ids(self.history(), self.tools))
             self.print(f"[{len(self.messages)} messages, {prompt} prompt tokens of {self.session.max_context}; "
                        f"last answer: {self.last or 'none'}]")  # fmt: skip
+            if self.session.engine.tier_report():
+                self.print(f"[experts: {self.session.engine.tier_report()}]")
         else:
             self.print(HELP)
         return True

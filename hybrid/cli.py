@@ -35,6 +35,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     decode_tps = (len(out) - 1) / (end - first) if len(out) > 1 else 0.0
     print(f"\n\n[prompt {len(ids)} tokens, prefill {first - t0:.2f} s; {len(out)} new tokens, "
           f"decode {decode_tps:.1f} tokens/s]", file=sys.stderr)  # fmt: skip
+    if engine.tier_report():
+        print(f"[{engine.tier_report()}]", file=sys.stderr)
     return 0
 
 

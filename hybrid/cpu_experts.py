@@ -89,7 +89,8 @@ class Pending:
 
     def result(self) -> torch.Tensor:
         self._job.done.wait()
-        self._worker.busy = False
+        if self._worker._current is not self._job:
+            raise RuntimeError("this expert result was superseded by a later submit (its buffers were reused)")
         if self._job.error is not None:
             raise RuntimeError("routed-expert worker failed") from self._job.error
         if self._worker.device.type == "cpu":
@@ -112,7 +113,8 @@ class ExpertWorker:
         nothing to overlap: the shared expert and the routed experts would only fight over the same cores."""
         self.device = torch.device(device)
         self.threaded = self.device.type == "cuda" if threaded is None else threaded
-        self.hidden, self.top_k, self.busy = hidden, top_k, False
+        self.hidden, self.top_k = hidden, top_k
+        self._current: _Job | None = None  # the latest job; its staging buffers are in use
         self.cpu_seconds = 0.0  # kernel time, for the expert-path policy and the benchmarks
         self.cpu_flops = 0.0
         self._allocate(max_tokens)
@@ -131,8 +133,10 @@ class ExpertWorker:
         self._out = torch.empty(tokens, self.hidden, dtype=torch.float32, pin_memory=pinned)
 
     def submit(self, stack: ExpertStack, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> Pending:
-        if self.busy:
-            raise RuntimeError("ExpertWorker.submit: the previous job's result() was not collected")
+        """Start a job. A previous job whose result() was never collected (its step was interrupted, by Ctrl-C
+        or an error elsewhere) is let finish first, then superseded: its buffers are reused."""
+        if self._current is not None:
+            self._current.done.wait()
         T = x.shape[0]
         if T > self.capacity:
             if self.device.type == "cuda":
@@ -147,11 +151,11 @@ class ExpertWorker:
                 ready = torch.cuda.Event()
                 ready.record(torch.cuda.current_stream(self.device))
         job = _Job(stack, T, ready, threading.Event())
-        self.busy = True
+        self._current = job
         if self.threaded:
             self._jobs.put(job)
         else:
-            self._execute(job)
+            self._execute(job)  # a Ctrl-C here propagates; the job is marked done on the way out
         return Pending(self, job, self._out[:T])
 
     def _run(self) -> None:
@@ -170,9 +174,10 @@ class ExpertWorker:
             self.cpu_seconds += job.seconds
             self.cpu_flops += expert_flops(job.stack, T * self.top_k)
             PROFILE.add("experts (CPU)", job.seconds)
-        except BaseException as e:  # handed to the caller by Pending.result()
+        except Exception as e:  # handed to the caller by Pending.result()
             job.error = e
-        job.done.set()
+        finally:
+            job.done.set()
 
     def close(self) -> None:
         if self._thread is not None:

@@ -131,6 +131,26 @@ class Engine:
         engine.gpu_cache_slots = _gpu_cache_slots(cfg, the_plan) if cuda and experts == "cpu" else 0
         return engine
 
+    def tier_report(self) -> str:
+        """One line on the expert tiers since load: RAM hit rate, disk traffic, prefetch precision/recall, GPU cache."""
+        parts = []
+        if self.tiers:
+            stats = [t.stats for t in self.tiers.values()]
+            steps = max(1, max(s.steps for s in stats))
+            hit = sum(s.hit_rate for s in stats) / len(stats)
+            parts.append(f"RAM hit rate {hit:.2f}, {sum(s.bytes_read for s in stats) / steps / 1e6:.0f} MB read from "
+                         f"disk per step")  # fmt: skip
+            predicted = [s for s in stats if s.predicted]
+            if predicted:
+                parts.append(f"prefetch precision {sum(s.precision for s in predicted) / len(predicted):.2f} "
+                             f"recall {sum(s.recall for s in predicted) / len(predicted):.2f}")  # fmt: skip
+        caches = [b.ffn.experts.gpu_cache for b in self.model.blocks
+                  if getattr(getattr(b.ffn, "experts", None), "gpu_cache", None) is not None]  # fmt: skip
+        if caches:
+            parts.append(f"GPU cache {self.gpu_cache_slots}/layer, "
+                         f"{sum(c.hit_rate for c in caches) / len(caches):.0%} of assignments")  # fmt: skip
+        return "; ".join(parts)
+
     def _check_ids(self, ids: list[int], new_tokens: int = 0) -> torch.Tensor:
         if not ids:
             raise ValueError("ids must hold at least one token")

@@ -116,6 +116,8 @@ def test_cli_generate_prints_text_and_speed(tiny):
                 "8", "--host-mem", str(host_budget(tiny, 4)))  # fmt: skip
     assert small.returncode == 0, small.stderr
     assert small.stdout == r.stdout and "note: host RAM holds 4 of 16 experts per layer" in small.stderr
+    assert "RAM hit rate" in small.stderr and "MB read from disk per step" in small.stderr
+    assert "RAM hit rate" not in r.stderr
     refused = run("-m", "hybrid.cli", "generate", "--model", str(tiny), "--prompt", "x", "--host-mem", "1MiB")
     assert refused.returncode == 2 and "does not fit" in refused.stderr and "Traceback" not in refused.stderr
 

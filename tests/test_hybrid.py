@@ -61,12 +61,14 @@ def test_worker_errors_reach_the_caller_and_the_worker_goes_on(stack, worker):
     assert relative_error(good.numpy(), reference_moe(x, ids, weights, stack)) <= TOL
 
 
-def test_a_second_submit_before_the_result_is_refused(stack, worker):
-    x, ids, weights = (torch.from_numpy(a) for a in inputs(1, 6))
-    pending = worker.submit(stack, x, ids, weights)
-    with pytest.raises(RuntimeError, match="not collected"):
-        worker.submit(stack, x, ids, weights)
-    pending.result()
+def test_an_uncollected_job_is_superseded_by_the_next_submit(stack, worker):
+    """An interrupted step never collects its result; the next step must still work (and the stale result fail)."""
+    x, ids, weights = inputs(2, 6)
+    stale = worker.submit(stack, torch.from_numpy(x), torch.from_numpy(ids), torch.from_numpy(weights))
+    fresh = worker.submit(stack, torch.from_numpy(x * 3), torch.from_numpy(ids), torch.from_numpy(weights))
+    assert relative_error(fresh.result().numpy(), reference_moe(x * 3, ids, weights, stack)) <= TOL
+    with pytest.raises(RuntimeError, match="superseded"):
+        stale.result()
 
 
 def test_streamed_experts_give_the_same_numbers_as_the_cpu_kernels(stack, worker):
