@@ -45,6 +45,9 @@ def _resolve_device(device: str) -> torch.device:
     return dev
 
 
+SWAPS_PER_TOKEN = 2  # hot-expert cache admissions over PCIe per decode step, all layers together
+
+
 class Engine:
     PREFILL_CHUNK = 2048  # tokens per prefill forward: bounds activation memory, fills the expert kernels
 
@@ -121,8 +124,9 @@ class Engine:
 
                 kernels()  # built once by torch's extension loader, then cached; checked before use
             worker = ExpertWorker(cfg.hidden_size, cfg.num_experts_per_tok, dev, cls.PREFILL_CHUNK)
+            n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
             factory = _hybrid_factory(source, worker, dev, the_plan.expert_slots if tiered else 0,
-                                      _gpu_cache_slots(cfg, the_plan) if cuda else 0)  # fmt: skip
+                                      _gpu_cache_slots(cfg, the_plan) if cuda else 0, n_moe)  # fmt: skip
         model = assemble(cfg, place, experts=factory, progress=progress)
         engine = cls(cfg, model, path, max_context, the_plan, worker)
         engine.tiers = {i: b.ffn.experts.tier for i, b in enumerate(model.blocks)
@@ -204,17 +208,19 @@ def _gpu_cache_slots(cfg: ModelConfig, the_plan: Plan) -> int:
     return int(min(cfg.n_routed_experts, max(0, free) // max(1, the_plan.expert_bytes * n_moe)))
 
 
-def _hybrid_factory(source: TensorSource, worker: ExpertWorker, dev: torch.device, slots: int, cache_slots: int):
+def _hybrid_factory(source: TensorSource, worker: ExpertWorker, dev: torch.device, slots: int, cache_slots: int,
+                    n_moe: int):
     """Per MoE layer: stack the experts (pinned when a GPU may stream them) or, with `slots`, give the layer that
     many RAM slots over the checkpoint's files (the disk tier); with `cache_slots`, a hot-expert cache in VRAM;
     wrap them in the hybrid backend."""
     from .cpu_experts import pin, stack_experts
-    from .gpu_cache import GpuExpertCache
+    from .gpu_cache import GpuExpertCache, SwapBudget
     from .gpu_experts import HybridExperts, StagingBuffers, StreamedExperts, measure_rates
     from .tiers import IoPools, LayerTier
 
     cuda = dev.type == "cuda"
     shared: dict = {}
+    swaps = SwapBudget(per_step=SWAPS_PER_TOKEN / max(1, n_moe))
 
     def factory(layer, routed, names):
         E = len(routed)
@@ -222,7 +228,7 @@ def _hybrid_factory(source: TensorSource, worker: ExpertWorker, dev: torch.devic
             io = shared.setdefault("io", IoPools())
             template = stack_experts(routed[:1], source, names[:6])
             tier = LayerTier(layer, E, slots, template, source.tensors, io, pin if cuda else None)
-            cache = GpuExpertCache(template, E, cache_slots, dev) if cache_slots else None
+            cache = GpuExpertCache(template, E, cache_slots, dev, swaps) if cache_slots else None
             return HybridExperts(None, worker, tier=tier, gpu_cache=cache)
         stack = stack_experts(routed, source, names, pinned=cuda)
         if not cuda:
@@ -230,7 +236,7 @@ def _hybrid_factory(source: TensorSource, worker: ExpertWorker, dev: torch.devic
         if not shared:
             shared["staging"] = StagingBuffers(stack, dev)
             shared["rates"] = measure_rates(stack, worker, dev)
-        cache = GpuExpertCache(stack, E, cache_slots, dev) if cache_slots else None
+        cache = GpuExpertCache(stack, E, cache_slots, dev, swaps) if cache_slots else None
         return HybridExperts(stack, worker, StreamedExperts(stack, dev, shared["staging"]), shared["rates"],
                              gpu_cache=cache)  # fmt: skip
 

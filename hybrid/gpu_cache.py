@@ -2,8 +2,9 @@
 GPU while the CPU kernels compute the rest (their assignments are passed to the CPU as id -1, "skip").
 
 Admission, per layer: experts carry a use score decayed by DECAY per step (as in the RAM tiers); after a step the
-best-scored expert outside the cache replaces the worst-scored one inside when it scores HYSTERESIS times higher,
-at most one swap per layer and step, so the PCIe traffic stays bounded (one expert, ~44 MB at K2 width).
+best-scored expert outside the cache replaces the worst-scored one inside when it scores HYSTERESIS times higher.
+Swaps draw on a SwapBudget shared by all layers (the engine allows about two per token): at K2 width one swap
+moves 44 MB over PCIe (~1 ms), so one per layer and step would cost ~50 ms per token.
 """
 
 from __future__ import annotations
@@ -37,9 +38,25 @@ def apply_experts(x: torch.Tensor, ids: np.ndarray, w: torch.Tensor, mlp_of) -> 
     return out
 
 
+class SwapBudget:
+    """A token bucket shared by the layers' caches: each layer step adds `per_step`, a swap takes 1."""
+
+    def __init__(self, per_step: float):
+        self.per_step, self.level = per_step, 0.0
+
+    def take(self) -> bool:
+        self.level = min(1.0, self.level + self.per_step)
+        if self.level < 1.0 - 1e-9:  # sums of per_step fall a rounding short of whole numbers
+            return False
+        self.level = 0.0
+        return True
+
+
 class GpuExpertCache:
-    def __init__(self, template: ExpertStack, n_experts: int, slots: int, device: str | torch.device):
-        self.device, self.slots = torch.device(device), slots
+    def __init__(self, template: ExpertStack, n_experts: int, slots: int, device: str | torch.device,
+                 budget: SwapBudget | None = None):  # fmt: skip
+        """budget: limits swaps across layers (None: one per layer and step, for tests)."""
+        self.device, self.slots, self.budget = torch.device(device), slots, budget
         self.arrays = {f: torch.empty((slots, *getattr(template, f).shape[1:]), device=self.device,
                                       dtype=torch.int8 if not f.endswith("_s") else torch.float32)
                        for f in FIELDS}  # fmt: skip
@@ -82,7 +99,7 @@ class GpuExpertCache:
             if self.score[best] < HYSTERESIS * self.score[self.expert_in[slot]]:
                 return
         source = host_arrays(best)
-        if source is None:
+        if source is None or (self.budget is not None and not self.budget.take()):
             return
         for f in FIELDS:  # synchronous: a disk-tier slot may be refilled by an I/O thread right after
             self.arrays[f][slot].copy_(torch.from_numpy(source[f]))

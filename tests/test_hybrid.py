@@ -175,3 +175,11 @@ def test_gpu_cache_computes_hot_experts_and_keeps_the_numbers(stack, worker):
         out = layer(torch.from_numpy(x), torch.from_numpy(ids), torch.from_numpy(weights))
         assert relative_error(out.numpy(), reference_moe(x, ids, weights, stack)) <= TOL
     assert set(cache.expert_in) >= {0, 1} and cache.swaps >= 3 and cache.hit_rate > 0.2
+
+
+def test_swap_budget_limits_admissions_across_layers():
+    from hybrid.gpu_cache import SwapBudget
+
+    budget = SwapBudget(per_step=2 / 60)  # two swaps per 60-layer token
+    granted = sum(budget.take() for _ in range(60 * 10))
+    assert granted == 20
