@@ -10,6 +10,6 @@ from ._numba_setup import configure as _configure
 
 _configure()
 
-from .moe import ExpertStack, reference_moe, routed_moe, warmup  # noqa: E402
+from .moe import FIELDS, ExpertStack, reference_moe, routed_moe, warmup  # noqa: E402
 
-__all__ = ["ExpertStack", "routed_moe", "reference_moe", "warmup"]
+__all__ = ["FIELDS", "ExpertStack", "routed_moe", "reference_moe", "warmup"]

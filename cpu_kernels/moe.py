@@ -14,6 +14,9 @@ from .prefill import moe_prefill
 DECODE_MAX_TOKENS = 4  # up to here the fused decode kernel; beyond, the grouped GEMM
 
 
+FIELDS = ("gate", "gate_s", "up", "up_s", "down", "down_s")  # an ExpertStack's arrays, in order
+
+
 @dataclass
 class ExpertStack:
     """One layer's routed experts, stacked: fp8 codes as int8 and fp32 `weight_scale_inv` blocks.

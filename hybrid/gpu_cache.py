@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cpu_kernels import ExpertStack
+from cpu_kernels import FIELDS, ExpertStack
 
 from .fp8 import Fp8Weight
 from .model import MLP
@@ -20,7 +20,6 @@ from .profile import PROFILE
 
 DECAY = 0.95
 HYSTERESIS = 1.5
-FIELDS = ("gate", "gate_s", "up", "up_s", "down", "down_s")
 
 
 def slot_mlp(arrays: dict[str, torch.Tensor], slot: int) -> MLP:

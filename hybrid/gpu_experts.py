@@ -10,11 +10,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cpu_kernels import ExpertStack
+from cpu_kernels import FIELDS, ExpertStack
 
 from .cpu_experts import ExpertWorker, expert_flops
 from .fp8 import Fp8Weight
-from .gpu_cache import FIELDS, GpuExpertCache
+from .gpu_cache import GpuExpertCache
 from .model import MLP
 from .profile import PROFILE
 from .tiers import LayerTier, remap, tier_groups, to_numpy_ids

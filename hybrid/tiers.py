@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from cpu_kernels import ExpertStack
+from cpu_kernels import FIELDS, ExpertStack
 
 from .checkpoint import CheckpointError, TensorInfo
 
@@ -106,7 +106,7 @@ class LayerTier:
         """template: a 1-expert stack giving shapes; infos: checkpoint tensor name -> where it lies in its shard."""
         self.layer, self.n_experts, self.slots, self.io, self.infos = layer, n_experts, slots, io, infos
         arrays = {}
-        for f in ("gate", "gate_s", "up", "up_s", "down", "down_s"):
+        for f in FIELDS:
             a = np.empty((slots, *getattr(template, f).shape[1:]), getattr(template, f).dtype)
             arrays[f] = pin(a) if pin else a
         self.stack = ExpertStack(**arrays)
