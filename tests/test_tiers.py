@@ -162,3 +162,38 @@ def test_gpu_engine_with_disk_tier_and_hot_cache_matches_the_cpu_engine(tiny, fu
     cache = engine.model.blocks[1].ffn.experts.gpu_cache
     assert cache.swaps > 0 and cache.hit_rate > 0
     assert_greedy_agrees(tokens, full, PROMPT[:5], 24)
+
+
+def test_a_step_needing_slots_that_prefetches_hold_waits_or_cancels_and_reads_the_right_experts(tiny, monkeypatch):
+    """Every slot taken by in-flight (slow) mispredicted prefetches: the step must still get exactly its experts."""
+    import time
+
+    import numpy as np
+
+    from cpu_kernels.moe import dequantize_np
+    from hybrid import tiers as tiers_module
+    from hybrid.checkpoint import Checkpoint
+    from hybrid.cpu_experts import stack_experts
+    from hybrid.loader import TensorTaker
+
+    ckpt = Checkpoint(tiny)
+    take = TensorTaker(ckpt.get)
+    template = stack_experts([take.mlp("model.layers.1.mlp.experts.0")])
+    slow = tiers_module.read_tensor_into
+
+    def slow_read(info, dst):
+        time.sleep(0.02)
+        slow(info, dst)
+
+    monkeypatch.setattr(tiers_module, "read_tensor_into", slow_read)
+    io = tiers_module.IoPools(prefetch_threads=1, demand_threads=2)
+    tier = tiers_module.LayerTier(1, 16, 4, template, ckpt.tensors, io)
+    tier.prefetch([0, 1, 2, 3])  # one runs, three wait in the queue
+    tier.ensure([12, 13, 14, 15])  # none of them predicted
+    assert sorted(tier.expert_in.tolist()) == [12, 13, 14, 15] and not tier.pending
+    assert tier.stats.cancelled >= 1 and tier.stats.misses == 4
+    for e in (12, 15):
+        q = ckpt.get(f"model.layers.1.mlp.experts.{e}.down_proj.weight").view(torch.uint8).numpy().view(np.int8)
+        s = ckpt.get(f"model.layers.1.mlp.experts.{e}.down_proj.weight_scale_inv").numpy()
+        slot = tier.slot_of[e]
+        assert np.array_equal(dequantize_np(tier.stack.down[slot], tier.stack.down_s[slot]), dequantize_np(q, s))
