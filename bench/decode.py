@@ -31,13 +31,13 @@ from cpu_kernels.stream import read_bandwidth  # noqa: E402
 from hybrid import Engine  # noqa: E402
 from hybrid.config import ModelConfig  # noqa: E402
 from hybrid.model import MoE  # noqa: E402
-from hybrid.placement import GPU_RESERVE, parse_bytes, plan  # noqa: E402
+from hybrid.placement import gpu_cache_slots, gpu_mem_for, parse_bytes, plan  # noqa: E402
 from hybrid.presets import KIMI_K2_INSTRUCT, synthetic_config  # noqa: E402
 from hybrid.profile import PROFILE  # noqa: E402
 from hybrid.synthetic import SyntheticTensors  # noqa: E402
 
 K2 = ModelConfig.from_dict(KIMI_K2_INSTRUCT)
-K2_MOE_LAYERS = K2.num_hidden_layers - K2.first_k_dense_replace
+K2_MOE_LAYERS = K2.moe_layers
 TARGET_RATIO = 1.15  # issue 4: time per token <= 1.15 x routed bytes per token / STREAM
 
 
@@ -45,11 +45,7 @@ def k2_equivalent_gpu_mem(cfg: ModelConfig, gpu_mem: int, context: int) -> int:
     """A GPU budget giving the slice the hot-expert cache per layer that the whole of Kimi-K2 would get from
     `gpu_mem` (a few experts per layer on a 24 GB card), not the slice's own leftover VRAM (which would cache
     most of its experts and hide the CPU side)."""
-    k2 = plan(K2, gpu_mem, 1 << 50, context)
-    per_layer = k2.gpu_free_for_expert_cache // (k2.expert_bytes * K2_MOE_LAYERS)
-    own = plan(cfg, 1 << 50, 1 << 50, context)
-    n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
-    return own.bytes_on("gpu") + GPU_RESERVE + (per_layer * n_moe + 2) * own.expert_bytes
+    return gpu_mem_for(cfg, gpu_cache_slots(K2, plan(K2, gpu_mem, 1 << 50, context)), context)
 
 
 def build(args) -> Engine:

@@ -31,25 +31,17 @@ from common import RESULTS, machine  # noqa: E402
 from cpu_kernels.stream import read_bandwidth  # noqa: E402
 from hybrid import Engine  # noqa: E402
 from hybrid.config import ModelConfig  # noqa: E402
-from hybrid.placement import plan  # noqa: E402
+from hybrid.placement import host_mem_for  # noqa: E402
 from hybrid.presets import synthetic_config  # noqa: E402
 from hybrid.synthetic import write_checkpoint  # noqa: E402
 from hybrid.tiers import drop_cached, disk_read_bandwidth  # noqa: E402
 
 
-def host_budget(cfg: ModelConfig, fraction: float, context: int, gpu: bool) -> tuple[int, int]:
-    """(host_mem, slots) holding `fraction` of each layer's experts besides the rest of the plan."""
-    full = plan(cfg, 1 << 50, 1 << 50, context, gpu=gpu, kv_bytes=2 if gpu else 4)
-    n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
-    slots = max(cfg.num_experts_per_tok, round(fraction * cfg.n_routed_experts))
-    routed = {c.name: c.nbytes for c in full.components}["routed experts"]
-    return full.bytes_on("host") - routed + slots * full.expert_bytes * n_moe, slots
-
-
 def run_point(ckpt: Path, shards: list[Path], args, fraction: float, prefetch: bool, gpu_mem: str | None) -> dict:
     cfg = ModelConfig.from_file(ckpt)
     context = args.prompt + args.tokens + 8
-    host_mem, slots = host_budget(cfg, fraction, context, args.device == "cuda")
+    slots = max(cfg.num_experts_per_tok, round(fraction * cfg.n_routed_experts))  # `fraction` of each layer's
+    host_mem = host_mem_for(cfg, slots, context, gpu=args.device == "cuda")
     for path in shards:
         drop_cached(path)
     engine = Engine.from_pretrained(ckpt, device=args.device, host_mem=host_mem, gpu_mem=gpu_mem, max_context=context,

@@ -75,6 +75,10 @@ class ModelConfig:
         return layer >= self.first_k_dense_replace and layer % self.moe_layer_freq == 0
 
     @property
+    def moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.num_hidden_layers))
+
+    @property
     def softmax_scale(self) -> float:
         """qk_head_dim^-0.5, times mscale(factor, mscale_all_dim)^2 under YaRN, as transformers applies it."""
         scale = self.qk_head_dim**-0.5

@@ -15,7 +15,7 @@ from .cpu_experts import ExpertWorker
 from .fp8 import Fp8Weight
 from .loader import TensorSource, assemble
 from .model import MLP, KVCache, LoopExperts, Transformer
-from .placement import Plan, PlanError, parse_bytes, plan
+from .placement import Plan, PlanError, gpu_cache_slots, parse_bytes, plan
 from .prefetch import Prefetcher
 from .schema import validate
 
@@ -110,7 +110,7 @@ class Engine:
             source.release(name)  # the copy is the only one now
             return placed
 
-        worker = None
+        worker, cache_slots = None, 0
         if experts == "reference":
             def factory(layer, routed, names):
                 return LoopExperts([MLP(*(Fp8Weight(w.q.to(dev), w.scale.to(dev)) for w in (m.gate, m.up, m.down)))
@@ -124,15 +124,15 @@ class Engine:
 
                 kernels()  # built once by torch's extension loader, then cached; checked before use
             worker = ExpertWorker(cfg.hidden_size, cfg.num_experts_per_tok, dev, cls.PREFILL_CHUNK)
-            n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
-            factory = _hybrid_factory(source, worker, dev, the_plan.expert_slots if tiered else 0,
-                                      _gpu_cache_slots(cfg, the_plan) if cuda else 0, n_moe)  # fmt: skip
+            cache_slots = gpu_cache_slots(cfg, the_plan) if cuda else 0
+            factory = _hybrid_factory(source, worker, dev, the_plan.expert_slots if tiered else 0, cache_slots,
+                                      cfg.moe_layers)  # fmt: skip
         model = assemble(cfg, place, experts=factory, progress=progress)
         engine = cls(cfg, model, path, max_context, the_plan, worker)
         engine.tiers = {i: b.ffn.experts.tier for i, b in enumerate(model.blocks)
                         if getattr(getattr(b.ffn, "experts", None), "tier", None) is not None}  # fmt: skip
         engine.prefetcher = Prefetcher(model.blocks, engine.tiers) if engine.tiers else None
-        engine.gpu_cache_slots = _gpu_cache_slots(cfg, the_plan) if cuda and experts == "cpu" else 0
+        engine.gpu_cache_slots = cache_slots if experts == "cpu" else 0
         return engine
 
     def tier_report(self) -> str:
@@ -199,13 +199,6 @@ class Engine:
                 return
             logits = self.model.forward(torch.tensor([token]), pos, cache, last_only=True)[0].float().cpu()
             pos += 1
-
-
-def _gpu_cache_slots(cfg: ModelConfig, the_plan: Plan) -> int:
-    """Hot-expert cache slots per MoE layer in the VRAM the plan leaves free (minus the two streaming slots)."""
-    n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
-    free = the_plan.gpu_free_for_expert_cache - 2 * the_plan.expert_bytes
-    return int(min(cfg.n_routed_experts, max(0, free) // max(1, the_plan.expert_bytes * n_moe)))
 
 
 def _hybrid_factory(source: TensorSource, worker: ExpertWorker, dev: torch.device, slots: int, cache_slots: int,

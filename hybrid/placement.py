@@ -19,6 +19,7 @@ GiB = 1 << 30
 GPU_RESERVE = 1 * GiB  # CUDA context, activations and scratch buffers of one decode step and a prefill chunk
 KV_BYTES = 2  # the latent KV cache is kept in bf16 on the GPU (fp32 in CPU-only mode)
 CPU_DEFAULT_CONTEXT = 8192
+STREAMING_SLOTS = 2  # experts' worth of VRAM for the double-buffered long-prefill streaming
 _UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9, "T": 1e12, "TB": 1e12,
           "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}  # fmt: skip
 
@@ -158,7 +159,7 @@ def plan(cfg: ModelConfig, gpu_mem: int, host_mem: int, context: int | None, hos
         notes.append("embeddings stay in host RAM (a row lookup per token); the GPU budget has no room for them")
     host_left = host_mem - (fixed if not gpu else 0 if embed_on_fast else sizes["embeddings"])
     routed = sizes.get("routed experts", 0)
-    n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    n_moe = cfg.moe_layers
     per_expert = routed // max(1, n_moe * cfg.n_routed_experts)
     slots = min(cfg.n_routed_experts, max(0, host_left) // max(1, per_expert * n_moe)) if routed else cfg.n_routed_experts
     if routed and slots < cfg.num_experts_per_tok:
@@ -182,6 +183,25 @@ def plan(cfg: ModelConfig, gpu_mem: int, host_mem: int, context: int | None, hos
         routed_bytes_per_token=per_expert * cfg.num_experts_per_tok * n_moe, host_read_gbs=host_read_gbs,
         expert_slots=slots, expert_bytes=per_expert, disk_read_gbs=disk_read_gbs, notes=tuple(notes),
     )  # fmt: skip
+
+
+def gpu_cache_slots(cfg: ModelConfig, p: Plan) -> int:
+    """Hot-expert cache slots per MoE layer in the VRAM the plan leaves free (minus the streaming slots)."""
+    free = p.gpu_free_for_expert_cache - STREAMING_SLOTS * p.expert_bytes
+    return int(min(cfg.n_routed_experts, max(0, free) // max(1, p.expert_bytes * cfg.moe_layers)))
+
+
+def host_mem_for(cfg: ModelConfig, slots: int, context: int | None, gpu: bool = False) -> int:
+    """The host RAM budget that leaves exactly `slots` routed experts per MoE layer in RAM (benchmarks, tests)."""
+    full = plan(cfg, 1 << 50, 1 << 50, context, gpu=gpu, kv_bytes=KV_BYTES if gpu else 4)
+    routed = {c.name: c.nbytes for c in full.components}["routed experts"]
+    return full.bytes_on("host") - routed + slots * full.expert_bytes * cfg.moe_layers
+
+
+def gpu_mem_for(cfg: ModelConfig, cache_slots: int, context: int | None) -> int:
+    """The GPU budget that leaves exactly `cache_slots` hot experts per MoE layer in VRAM (benchmarks, tests)."""
+    own = plan(cfg, 1 << 50, 1 << 50, context)
+    return own.bytes_on("gpu") + GPU_RESERVE + (cache_slots * cfg.moe_layers + STREAMING_SLOTS) * own.expert_bytes
 
 
 def _gpu_parts(sizes: dict[str, int]) -> list[str]:

@@ -12,7 +12,7 @@ from conftest import assert_greedy_agrees
 
 from hybrid import Engine
 from hybrid.config import ModelConfig
-from hybrid.placement import plan
+from hybrid.placement import gpu_mem_for, host_mem_for
 from hybrid.tiers import ExpertReadError
 
 PROMPT = list(range(30, 70))  # 40 tokens: the prefill chunk touches every expert (more than the slots)
@@ -20,11 +20,7 @@ PROMPT = list(range(30, 70))  # 40 tokens: the prefill chunk touches every exper
 
 def host_budget(checkpoint, slots: int, context: int | None = None) -> int:
     """host_mem that leaves exactly `slots` experts per MoE layer after the non-expert part (CPU-only plan)."""
-    cfg = ModelConfig.from_file(checkpoint)
-    full = plan(cfg, 0, 1 << 40, context, gpu=False, kv_bytes=4)
-    n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
-    routed_in_ram = {c.name: c.nbytes for c in full.components}["routed experts"]
-    return full.bytes_on("host") - routed_in_ram + slots * full.expert_bytes * n_moe
+    return host_mem_for(ModelConfig.from_file(checkpoint), slots, context)
 
 
 @pytest.fixture(scope="module")
@@ -148,14 +144,10 @@ def test_gpu_cache_over_the_disk_tier_gives_the_same_tokens(tiny, full):
 def test_gpu_engine_with_disk_tier_and_hot_cache_matches_the_cpu_engine(tiny, full):
     """On the GPU box: pinned tier slots, the VRAM hot-expert cache and the prefetcher together."""
     cfg = ModelConfig.from_file(tiny)
-    gpu_plan = plan(cfg, 1 << 40, 1 << 40, 256)
-    n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
-    gpu_mem = gpu_plan.bytes_on("gpu") + (1 << 30) + 6 * gpu_plan.expert_bytes * n_moe  # ~4 cached experts/layer
-    routed = {c.name: c.nbytes for c in gpu_plan.components}["routed experts"]
-    host_mem = gpu_plan.bytes_on("host") - routed + 8 * gpu_plan.expert_bytes * n_moe
+    gpu_mem, host_mem = gpu_mem_for(cfg, 4, 256), host_mem_for(cfg, 8, 256, gpu=True)
     engine = Engine.from_pretrained(tiny, device="cuda", gpu_mem=gpu_mem, host_mem=host_mem, max_context=256,
                                     progress=False)  # fmt: skip
-    assert engine.plan.expert_slots == 8 and engine.gpu_cache_slots >= 2 and engine.prefetcher is not None
+    assert engine.plan.expert_slots == 8 and engine.gpu_cache_slots == 4 and engine.prefetcher is not None
     ours, theirs = engine.logits(PROMPT), full.logits(PROMPT)
     assert float((ours - theirs).abs().max() / theirs.abs().max()) <= 2e-2
     tokens = list(engine.generate(PROMPT[:5], 24))
