@@ -18,13 +18,10 @@ import torch
 
 from cpu_kernels import ExpertStack, routed_moe
 
+from .fp8 import codes
 from .loader import TensorSource
 from .model import MLP
 from .profile import PROFILE
-
-
-def _codes(t: torch.Tensor) -> np.ndarray:
-    return t.view(torch.uint8).numpy().view(np.int8)
 
 
 def pin(array: np.ndarray) -> np.ndarray:
@@ -46,9 +43,9 @@ def stack_experts(experts: list[MLP], source: TensorSource | None = None, names:
                   pinned: bool = False) -> ExpertStack:  # fmt: skip
     """Copy a layer's experts into contiguous [E, rows, cols] arrays (the kernels' layout).
 
-    pinned: allocate page-locked memory, so the GPU can read the experts by DMA (long-prefill streaming).
-    With a checkpoint `source` and the experts' tensor `names`, the file pages just copied are released, so the weights live
-    in RAM once: in the stack, not also in the page cache.
+    pinned: page-lock the arrays (`pin`), so the GPU can read the experts by DMA (long-prefill streaming).
+    With a checkpoint `source` and the experts' tensor `names`, the file pages just copied are released, so the
+    weights live in RAM once: in the stack, not also in the page cache.
     """
     first = experts[0]
     arrays = {}
@@ -58,7 +55,7 @@ def stack_experts(experts: list[MLP], source: TensorSource | None = None, names:
         s = np.empty((len(experts), *s0.shape), np.float32)
         for e, mlp in enumerate(experts):
             w = getattr(mlp, part)
-            q[e], s[e] = _codes(w.q), w.scale.numpy()
+            q[e], s[e] = codes(w.q), w.scale.numpy()
         arrays[part], arrays[part + "_s"] = (pin(q), pin(s)) if pinned else (q, s)
     if source is not None and names:
         for name in names:

@@ -25,6 +25,11 @@ class Fp8Weight:
         return dequantize(self.q, self.scale, dtype)
 
 
+def codes(q: torch.Tensor) -> np.ndarray:
+    """fp8 e4m3 weights as the int8 codes the Numba kernels read (zero-copy for a contiguous CPU tensor)."""
+    return q.contiguous().view(torch.uint8).numpy().view(np.int8)
+
+
 def fp8_to_float(q: torch.Tensor) -> torch.Tensor:
     """Exact fp8 e4m3 -> fp32 for a tensor on any device."""
     if q.device.type != "cpu":
@@ -44,7 +49,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.
         from cpu_kernels.dequant import dequantize_into  # one fused pass (the path below moves ~30 B/element)
 
         w = torch.empty(rows, cols)
-        dequantize_into(q.contiguous().view(torch.uint8).numpy().view(np.int8), scale.contiguous().numpy(), w.numpy())
+        dequantize_into(codes(q), scale.contiguous().numpy(), w.numpy())
         return w if dtype == torch.float32 else w.to(dtype)
     w = fp8_to_float(q)
     w.mul_(expand_scale(scale.float(), rows, cols))
@@ -57,7 +62,7 @@ def fp8_matmul_cpu(x: torch.Tensor, w: Fp8Weight) -> torch.Tensor:
 
     xn = x.detach().float().contiguous().numpy()
     out = np.empty((x.shape[0], w.q.shape[0]), np.float32)
-    fp8_linear(xn, w.q.contiguous().view(torch.uint8).numpy().view(np.int8), w.scale.float().contiguous().numpy(), out)
+    fp8_linear(xn, codes(w.q), w.scale.float().contiguous().numpy(), out)
     return torch.from_numpy(out)
 
 

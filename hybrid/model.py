@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from cpu_kernels import mla
 
 from .config import ModelConfig, yarn_mscale
-from .fp8 import Fp8Weight, bf16_matmul_cpu, fp8_matmul_cpu
+from .fp8 import Fp8Weight, bf16_matmul_cpu, codes, fp8_matmul_cpu
 from .profile import PROFILE
 
 
@@ -30,7 +30,7 @@ FUSED_MAX_TOKENS = 4  # up to here a CPU fp8 linear streams the codes; beyond, d
 def linear(x: torch.Tensor, w: Fp8Weight | torch.Tensor) -> torch.Tensor:
     """y = x W^T in fp32 (the one place a linear's path is chosen)."""
     if x.dim() == 2 and x.shape[0] <= FUSED_MAX_TOKENS and not x.requires_grad:
-        if x.device.type == "cpu" and isinstance(w, Fp8Weight):
+        if _fused_cpu(x, w):
             return fp8_matmul_cpu(x, w)
         if x.device.type == "cpu" and w.dtype == torch.bfloat16 and not w.requires_grad:  # lm_head: no fp32 copy
             return bf16_matmul_cpu(x, w)
@@ -64,7 +64,7 @@ def absorb_value(ctx: torch.Tensor, kv_b: Fp8Weight | torch.Tensor, dn: int) -> 
 
 
 def _codes_and_scales(w: Fp8Weight):
-    return w.q.contiguous().view(torch.uint8).numpy().view("int8"), w.scale.float().contiguous().numpy()
+    return codes(w.q), w.scale.float().contiguous().numpy()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
