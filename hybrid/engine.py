@@ -207,8 +207,8 @@ def _hybrid_factory(source: TensorSource, worker: ExpertWorker, dev: torch.devic
     many RAM slots over the checkpoint's files (the disk tier); with `cache_slots`, a hot-expert cache in VRAM;
     wrap them in the hybrid backend."""
     from .cpu_experts import pin, stack_experts
-    from .gpu_cache import GpuExpertCache, SwapBudget
-    from .gpu_experts import HybridExperts, StagingBuffers, StreamedExperts, measure_rates
+    from .gpu_cache import GpuExpertCache, SwapBudget, device_slots
+    from .gpu_experts import HybridExperts, StreamedExperts, measure_rates
     from .tiers import IoPools, LayerTier
 
     cuda = dev.type == "cuda"
@@ -227,7 +227,7 @@ def _hybrid_factory(source: TensorSource, worker: ExpertWorker, dev: torch.devic
         if not cuda:
             return HybridExperts(stack, worker)
         if not shared:
-            shared["staging"] = StagingBuffers(stack, dev)
+            shared["staging"] = device_slots(stack, 2, dev)
             shared["rates"] = measure_rates(stack, worker, dev)
         cache = GpuExpertCache(stack, E, cache_slots, dev, swaps) if cache_slots else None
         return HybridExperts(stack, worker, StreamedExperts(stack, dev, shared["staging"]), shared["rates"],

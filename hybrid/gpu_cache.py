@@ -22,6 +22,12 @@ DECAY = 0.95
 HYSTERESIS = 1.5
 
 
+def device_slots(template: ExpertStack, slots: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Empty device arrays for `slots` experts, laid out like an ExpertStack (fp8 codes as int8, fp32 scales)."""
+    return {f: torch.empty((slots, *getattr(template, f).shape[1:]), device=device,
+                           dtype=torch.int8 if not f.endswith("_s") else torch.float32) for f in FIELDS}  # fmt: skip
+
+
 def slot_mlp(arrays: dict[str, torch.Tensor], slot: int) -> MLP:
     """The MLP whose fp8 weights are slot `slot` of device arrays laid out like an ExpertStack."""
     return MLP(*(Fp8Weight(arrays[p][slot].view(torch.float8_e4m3fn), arrays[p + "_s"][slot]) for p in ("gate", "up", "down")))
@@ -56,9 +62,7 @@ class GpuExpertCache:
                  budget: SwapBudget | None = None):  # fmt: skip
         """budget: limits swaps across layers (None: one per layer and step, for tests)."""
         self.device, self.slots, self.budget = torch.device(device), slots, budget
-        self.arrays = {f: torch.empty((slots, *getattr(template, f).shape[1:]), device=self.device,
-                                      dtype=torch.int8 if not f.endswith("_s") else torch.float32)
-                       for f in FIELDS}  # fmt: skip
+        self.arrays = device_slots(template, slots, self.device)
         self.slot_of = np.full(n_experts, -1, np.int64)
         self.expert_in = np.full(slots, -1, np.int64)
         self.score = np.zeros(n_experts)

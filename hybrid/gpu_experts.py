@@ -13,36 +13,27 @@ import torch
 from cpu_kernels import FIELDS, ExpertStack
 
 from .cpu_experts import ExpertWorker, expert_flops
-from .fp8 import Fp8Weight
-from .gpu_cache import GpuExpertCache
-from .model import MLP
+from .gpu_cache import GpuExpertCache, device_slots, slot_mlp
 from .profile import PROFILE
 from .tiers import LayerTier, remap, tier_groups, to_numpy_ids
 
-PARTS = ("gate", "up", "down")
 MIN_STREAM_TOKENS = 64  # below this the CPU always wins (and deciding would cost a device sync per layer)
 
 
-class StagingBuffers:
-    """Two device-side slots, each holding one expert's fp8 codes and scales; shared by all layers."""
-
-    def __init__(self, stack: ExpertStack, device: torch.device):
-        self.slots = [{name: torch.empty(getattr(stack, name).shape[1:], device=device,
-                                         dtype=torch.int8 if not name.endswith("_s") else torch.float32)
-                       for part in PARTS for name in (part, part + "_s")} for _ in range(2)]  # fmt: skip
-
-
 class StreamedExperts:
-    """RoutedExperts backend computing on `device` with weights copied in per used expert."""
+    """RoutedExperts backend computing on `device` with weights copied in per used expert.
 
-    def __init__(self, stack: ExpertStack, device: str | torch.device, staging: StagingBuffers | None = None):
+    staging: two device slots (`device_slots(stack, 2, device)`), which all layers can share.
+    """
+
+    def __init__(self, stack: ExpertStack, device: str | torch.device, staging: dict | None = None):
         self.stack, self.device = stack, torch.device(device)
-        self.host = {name: torch.from_numpy(getattr(stack, name)) for part in PARTS for name in (part, part + "_s")}
-        self.staging = staging or StagingBuffers(stack, self.device)
+        self.host = {f: torch.from_numpy(getattr(stack, f)) for f in FIELDS}
+        self.staging = staging or device_slots(stack, 2, self.device)
 
-    def _load(self, slot: dict, e: int) -> None:
-        for name, dst in slot.items():
-            dst.copy_(self.host[name][e], non_blocking=True)
+    def _load(self, slot: int, e: int) -> None:
+        for f in FIELDS:
+            self.staging[f][slot].copy_(self.host[f][e], non_blocking=True)
 
     def __call__(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         k = idx.shape[1]
@@ -59,14 +50,13 @@ class StreamedExperts:
         loaded, freed = [None] * len(used), [None, None]
 
         def start_load(i: int) -> None:
-            slot = self.staging.slots[i % 2]
             if not cuda:
-                self._load(slot, int(used[i]))
+                self._load(i % 2, int(used[i]))
                 return
             with torch.cuda.stream(copy_stream):
                 if freed[i % 2] is not None:
                     copy_stream.wait_event(freed[i % 2])  # the expert that used this slot has finished
-                self._load(slot, int(used[i]))
+                self._load(i % 2, int(used[i]))
                 loaded[i] = torch.cuda.Event()
                 loaded[i].record(copy_stream)
 
@@ -78,8 +68,7 @@ class StreamedExperts:
                     compute.wait_event(loaded[i])
                 if i + 1 < len(used):
                     start_load(i + 1)  # overlaps with this expert's compute
-                s = self.staging.slots[i % 2]
-                mlp = MLP(*(Fp8Weight(s[p].view(torch.float8_e4m3fn), s[p + "_s"]) for p in PARTS))
+                mlp = slot_mlp(self.staging, i % 2)
                 rows, slots = rows_all[bounds[i]:bounds[i + 1]], slot_all[bounds[i]:bounds[i + 1]]
                 out.index_add_(0, rows, mlp(x[rows]) * w[rows, slots, None])
                 if cuda:

@@ -46,7 +46,8 @@ class TensorTaker:
         return MLP(self.fp8(f"{prefix}.gate_proj"), self.fp8(f"{prefix}.up_proj"), self.fp8(f"{prefix}.down_proj"))
 
 
-def _tensor_names(mlp: str) -> list[str]:
+def mlp_tensor_names(mlp: str) -> list[str]:
+    """The six checkpoint tensors of an MLP module, in ExpertStack field order (gate, gate_s, up, up_s, down, down_s)."""
     return [f"{mlp}.{proj}.{kind}" for proj in ("gate_proj", "up_proj", "down_proj")
             for kind in ("weight", "weight_scale_inv")]  # fmt: skip
 
@@ -91,7 +92,7 @@ def build_transformer(cfg: ModelConfig, take: TensorTaker, experts: ExpertsFacto
             modules = [f"{p}.mlp.experts.{e}" for e in range(cfg.n_routed_experts)]
             routed = [take.mlp(m) for m in modules]
             shared = take.mlp(f"{p}.mlp.shared_experts") if cfg.n_shared_experts else None
-            ffn = MoE(router, experts(i, routed, [n for m in modules for n in _tensor_names(m)]), shared)
+            ffn = MoE(router, experts(i, routed, [n for m in modules for n in mlp_tensor_names(m)]), shared)
         else:
             ffn = take.mlp(f"{p}.mlp")
         blocks.append(Block(take(f"{p}.input_layernorm.weight"), attn, take(f"{p}.post_attention_layernorm.weight"),

@@ -22,9 +22,9 @@ import torch
 from cpu_kernels import FIELDS, ExpertStack
 
 from .checkpoint import CheckpointError, TensorInfo
+from .loader import mlp_tensor_names
 
 DECAY = 0.95  # per step: an expert unused for ~14 steps has lost half its score
-PARTS = ("gate", "up", "down")
 
 
 class ExpertReadError(CheckpointError):
@@ -33,9 +33,7 @@ class ExpertReadError(CheckpointError):
 
 def expert_tensor_names(layer: int, expert: int) -> list[tuple[str, str]]:
     """(stack field, checkpoint tensor name) for the six tensors of one expert."""
-    m = f"model.layers.{layer}.mlp.experts.{expert}"
-    return [(f, f"{m}.{p}_proj.{kind}") for p in PARTS
-            for f, kind in ((p, "weight"), (p + "_s", "weight_scale_inv"))]  # fmt: skip
+    return list(zip(FIELDS, mlp_tensor_names(f"model.layers.{layer}.mlp.experts.{expert}")))
 
 
 def read_tensor_into(info: TensorInfo, dst: np.ndarray) -> None:
