@@ -186,7 +186,6 @@ class LayerTier:
         need = set(needed)
         waits, hits, from_prefetch, late, misses = [], 0, 0, 0, 0
         with self._lock:
-            self.score *= DECAY
             for e, fut in list(self.pending.items()):  # mispredicted reads that have not started: drop them
                 if e not in need and fut.cancel():
                     slot = self.slot_of[e]
@@ -219,8 +218,12 @@ class LayerTier:
             self.from_prefetch.difference_update(needed)
 
     def note_use(self, idx: np.ndarray) -> np.ndarray:
-        """Count a step's routing into the eviction scores (and the prefetcher's hit counts); its distinct experts."""
-        np.add.at(self.score, idx[idx >= 0], 1.0)
+        """Count a step's routing into the eviction scores (and the prefetcher's hit counts); its distinct experts.
+
+        The decay is applied here, once per step: a long prefill chunk calls ensure() once per group of slots."""
+        with self._lock:
+            self.score *= DECAY
+            np.add.at(self.score, idx[idx >= 0], 1.0)
         needed = np.unique(idx[idx >= 0])
         if self.last_prediction is not None:
             used = set(needed.tolist())
