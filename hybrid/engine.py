@@ -14,7 +14,7 @@ from .config import ModelConfig
 from .cpu_experts import ExpertWorker
 from .fp8 import Fp8Weight
 from .loader import TensorSource, assemble
-from .model import MLP, KVCache, LoopExperts, Transformer
+from .model import MLP, KVCache, LoopExperts, MoE, Transformer
 from .placement import Plan, PlanError, gpu_cache_slots, parse_bytes, plan
 from .prefetch import Prefetcher
 from .schema import validate
@@ -129,11 +129,14 @@ class Engine:
                                       cfg.moe_layers)  # fmt: skip
         model = assemble(cfg, place, experts=factory, progress=progress)
         engine = cls(cfg, model, path, max_context, the_plan, worker)
-        engine.tiers = {i: b.ffn.experts.tier for i, b in enumerate(model.blocks)
-                        if getattr(getattr(b.ffn, "experts", None), "tier", None) is not None}  # fmt: skip
+        engine.tiers = {i: e.tier for i, e in engine._routed().items() if getattr(e, "tier", None) is not None}
         engine.prefetcher = Prefetcher(model.blocks, engine.tiers) if engine.tiers else None
         engine.gpu_cache_slots = cache_slots if experts == "cpu" else 0
         return engine
+
+    def _routed(self) -> dict:
+        """MoE layer -> its routed-experts backend."""
+        return {i: b.ffn.experts for i, b in enumerate(self.model.blocks) if isinstance(b.ffn, MoE)}
 
     def tier_report(self) -> str:
         """One line on the expert tiers since load: RAM hit rate, disk traffic, prefetch precision/recall, GPU cache."""
@@ -148,8 +151,7 @@ class Engine:
             if predicted:
                 parts.append(f"prefetch precision {sum(s.precision for s in predicted) / len(predicted):.2f} "
                              f"recall {sum(s.recall for s in predicted) / len(predicted):.2f}")  # fmt: skip
-        caches = [b.ffn.experts.gpu_cache for b in self.model.blocks
-                  if getattr(getattr(b.ffn, "experts", None), "gpu_cache", None) is not None]  # fmt: skip
+        caches = [c for e in self._routed().values() if (c := getattr(e, "gpu_cache", None)) is not None]
         if caches:
             parts.append(f"GPU cache {self.gpu_cache_slots}/layer, "
                          f"{sum(c.hit_rate for c in caches) / len(caches):.0%} of assignments")  # fmt: skip
