@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -58,13 +58,5 @@ class Profile:
         return self._timed(phase) if self.enabled else _NULL
 
 
-class _Null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-_NULL = _Null()
+_NULL = nullcontext()  # reusable: entered on every section while profiling is off
 PROFILE = Profile()
