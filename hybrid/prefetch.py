@@ -18,8 +18,8 @@ from .tiers import LayerTier
 
 def predict_experts(block: Block, h: torch.Tensor, limit: int) -> list[int]:
     """The experts `block`'s router would choose for hidden states h, ranked by the selection scores they would
-    get summed over the tokens (the top ranks are the surest: measured ~0.9 for rank 1 vs ~0.5 for rank 8 on a
-    random K2-width slice), at most `limit`."""
+    get summed over the tokens (the top ranks are the surest: bench/prefetch_accuracy.py measured 0.97 for rank 1
+    and 0.47 for rank 8 on a random K2-width slice), at most `limit`."""
     router = block.ffn.router
     scores = router.scores(rms_norm(h, block.ffn_norm, block.eps))
     idx, _ = router.route(scores)
