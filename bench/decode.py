@@ -65,11 +65,11 @@ def timed_decode(engine: Engine, prompt: list[int], tokens: int, profile: bool) 
     """Seconds per decode step over `tokens` steps after one warm step; the prefill is not counted."""
     stamps = []
     for i, _ in enumerate(engine.generate(prompt, tokens + 2)):
-        if engine.device.type == "cuda":
-            torch.cuda.synchronize()
+        if engine.gpu is not None:
+            engine.gpu.synchronize()
         stamps.append(time.perf_counter())
         if i == 1 and profile:
-            PROFILE.start(sync_cuda=engine.device.type == "cuda")
+            PROFILE.start(sync=engine.gpu.synchronize if engine.gpu is not None else None)
     PROFILE.stop()
     return (stamps[-1] - stamps[1]) / tokens
 
@@ -129,7 +129,7 @@ def main() -> None:
         prefill[str(n)] = {"tokens_per_s": round(tps, 2), "expert_paths": paths}
 
     record = {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **machine(), "device": str(engine.device),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **machine(), "device": engine.gpu.name if engine.gpu else "cpu",
         "gpu_cache_experts_per_layer": engine.gpu_cache_slots, "layers": cfg.num_hidden_layers, "moe_layers": len(moe), "experts": cfg.n_routed_experts,
         "vocab": cfg.vocab_size, "source": str(args.checkpoint or "synthetic in memory"), "load_s": round(load_s, 1),
         "stream_gbs": round(stream, 2), "decode_tokens_per_s": round(1 / step_s, 3), "step_ms": round(1e3 * step_s, 2),
@@ -143,7 +143,7 @@ def main() -> None:
                                  "target_ratio": TARGET_RATIO, "met": projected_s / roof_s <= TARGET_RATIO},
         "prefill": prefill,
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-        "peak_vram_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+        "peak_vram_gib": round(engine.gpu.max_memory_allocated() / 2**30, 2) if engine.gpu is not None else None,
     }  # fmt: skip
     append_result(args.out, record)
 

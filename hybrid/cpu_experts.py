@@ -10,8 +10,8 @@ from __future__ import annotations
 import queue
 import threading
 import time
-import weakref
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -24,26 +24,12 @@ from .model import MLP
 from .profile import PROFILE
 
 
-def pin(array: np.ndarray) -> np.ndarray:
-    """Page-lock an existing host array so the GPU can read it by DMA; unregistered when the array dies.
-
-    Not torch's pin_memory=True: its caching host allocator rounds each block up to a power of two, so one
-    layer's 5.6 GB gate stack would take 8 GB. Registering the exact range in place costs nothing extra.
-    """
-    cudart = torch.cuda.cudart()
-    err = cudart.cudaHostRegister(array.ctypes.data, array.nbytes, 0)
-    if int(err) != 0:
-        raise RuntimeError(f"cudaHostRegister of {array.nbytes / 2**30:.2f} GiB failed (error {int(err)}): "
-                           "is the locked-memory limit (ulimit -l) too low?")  # fmt: skip
-    weakref.finalize(array, cudart.cudaHostUnregister, array.ctypes.data)
-    return array
-
-
 def stack_experts(experts: list[MLP], source: TensorSource | None = None, names: list[str] | None = None,
-                  pinned: bool = False) -> ExpertStack:  # fmt: skip
+                  register: Callable[[np.ndarray], np.ndarray] | None = None) -> ExpertStack:  # fmt: skip
     """Copy a layer's experts into contiguous [E, rows, cols] arrays (the kernels' layout).
 
-    pinned: page-lock the arrays (`pin`), so the GPU can read the experts by DMA (long-prefill streaming).
+    register: page-lock the arrays in place (`Device.register_host`), so the GPU can read the experts by DMA
+    (long-prefill streaming, hot-expert cache admissions).
     With a checkpoint `source` and the experts' tensor `names`, the file pages just copied are released, so the
     weights live in RAM once: in the stack, not also in the page cache.
     """
@@ -56,7 +42,7 @@ def stack_experts(experts: list[MLP], source: TensorSource | None = None, names:
         for e, mlp in enumerate(experts):
             w = getattr(mlp, part)
             q[e], s[e] = codes(w.q), w.scale.numpy()
-        arrays[part], arrays[part + "_s"] = (pin(q), pin(s)) if pinned else (q, s)
+        arrays[part], arrays[part + "_s"] = (register(q), register(s)) if register else (q, s)
     if source is not None and names:
         for name in names:
             source.release(name)
@@ -72,7 +58,7 @@ def expert_flops(stack: ExpertStack, assignments: int) -> float:
 class _Job:
     stack: ExpertStack
     tokens: int
-    ready: torch.cuda.Event | None  # the device-to-host copies of the inputs are done
+    ready: object | None  # a device event: the device-to-host copies of the inputs are done
     done: threading.Event
     error: BaseException | None = None
     seconds: float = 0.0
@@ -90,9 +76,9 @@ class Pending:
             raise RuntimeError("this expert result was superseded by a later submit (its buffers were reused)")
         if self._job.error is not None:
             raise RuntimeError("routed-expert worker failed") from self._job.error
-        if self._worker.device.type == "cpu":
+        if self._worker.device is None:
             return self._out.clone()  # the staging buffer is reused by the next job
-        return self._out.to(self._worker.device, non_blocking=True)
+        return self._worker.device.to(self._out, non_blocking=True)
 
 
 class ExpertWorker:
@@ -104,12 +90,12 @@ class ExpertWorker:
     copy, and the worker waits for them before writing the output buffer again.
     """
 
-    def __init__(self, hidden: int, top_k: int, device: str | torch.device = "cpu", max_tokens: int = 64,
-                 threaded: bool | None = None):  # fmt: skip
-        """threaded (default: only with a GPU) runs jobs on the worker thread. With everything on the CPU there is
+    def __init__(self, hidden: int, top_k: int, device=None, max_tokens: int = 64, threaded: bool | None = None):
+        """device: the engine's GPU (a `hybrid.device` Device), or None when everything is on the CPU.
+        threaded (default: only with a GPU) runs jobs on the worker thread. With everything on the CPU there is
         nothing to overlap: the shared expert and the routed experts would only fight over the same cores."""
-        self.device = torch.device(device)
-        self.threaded = self.device.type == "cuda" if threaded is None else threaded
+        self.device = device
+        self.threaded = device is not None if threaded is None else threaded
         self.hidden, self.top_k = hidden, top_k
         self._current: _Job | None = None  # the latest job; its staging buffers are in use
         self.cpu_seconds = 0.0  # kernel time, for the expert-path policy and the benchmarks
@@ -122,12 +108,12 @@ class ExpertWorker:
             self._thread.start()
 
     def _allocate(self, tokens: int) -> None:
-        pinned = self.device.type == "cuda"
+        empty = torch.empty if self.device is None else self.device.pinned_empty
         self.capacity = tokens
-        self._x = torch.empty(tokens, self.hidden, dtype=torch.float32, pin_memory=pinned)
-        self._idx = torch.empty(tokens, self.top_k, dtype=torch.int64, pin_memory=pinned)
-        self._w = torch.empty(tokens, self.top_k, dtype=torch.float32, pin_memory=pinned)
-        self._out = torch.empty(tokens, self.hidden, dtype=torch.float32, pin_memory=pinned)
+        self._x = empty((tokens, self.hidden), dtype=torch.float32)
+        self._idx = empty((tokens, self.top_k), dtype=torch.int64)
+        self._w = empty((tokens, self.top_k), dtype=torch.float32)
+        self._out = empty((tokens, self.hidden), dtype=torch.float32)
 
     def submit(self, stack: ExpertStack, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> Pending:
         """Start a job. A previous job whose result() was never collected (its step was interrupted, by Ctrl-C
@@ -136,17 +122,17 @@ class ExpertWorker:
             self._current.done.wait()
         T = x.shape[0]
         if T > self.capacity:
-            if self.device.type == "cuda":
-                torch.cuda.current_stream(self.device).synchronize()  # old buffers may still be in flight
+            if self.device is not None:
+                self.device.current_stream().synchronize()  # old buffers may still be in flight
             self._allocate(max(T, 2 * self.capacity))
         with PROFILE("expert copies"):
             self._x[:T].copy_(x.detach(), non_blocking=True)
             self._idx[:T].copy_(idx, non_blocking=True)
             self._w[:T].copy_(w.detach(), non_blocking=True)
             ready = None
-            if self.device.type == "cuda":
-                ready = torch.cuda.Event()
-                ready.record(torch.cuda.current_stream(self.device))
+            if self.device is not None:
+                ready = self.device.event()
+                ready.record(self.device.current_stream())
         job = _Job(stack, T, ready, threading.Event())
         self._current = job
         if self.threaded:

@@ -9,12 +9,12 @@ from typing import Iterable, Iterator
 import psutil
 import torch
 
+from . import device as gpu_device
 from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .cpu_experts import ExpertWorker
-from .fp8 import Fp8Weight
 from .loader import TensorSource, assemble
-from .model import MLP, KVCache, LoopExperts, MoE, Transformer
+from .model import KVCache, LoopExperts, MoE, Transformer
 from .placement import Plan, PlanError, gpu_cache_slots, parse_bytes, plan
 from .prefetch import Prefetcher
 from .schema import validate
@@ -33,16 +33,16 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def _resolve_device(device: str) -> torch.device:
-    dev = torch.device(device)
-    if dev.type not in ("cpu", "cuda"):
+def _resolve_device(device: str):
+    """None for "cpu"; for "cuda" / "cuda:N" the GPU as a `hybrid.device` Device (the stand-in under
+    HYBRID_GPU_STANDIN=1)."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but torch sees no CUDA device (torch.cuda.is_available() is False); "
-                         "use device='cpu'")  # fmt: skip
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    return dev
+    return None if dev.type == "cpu" else gpu_device.get(dev.index)
 
 
 SWAPS_PER_TOKEN = 2  # hot-expert cache admissions over PCIe per decode step, all layers together
@@ -54,9 +54,9 @@ class Engine:
     def __init__(self, cfg: ModelConfig, model: Transformer, path: Path | None, max_context: int | None = None,
                  plan: Plan | None = None, worker: ExpertWorker | None = None):  # fmt: skip
         self.cfg, self.model, self.path, self.plan, self.worker = cfg, model, path, plan, worker
-        self.device = model.device
+        self.gpu = worker.device if worker is not None else None  # the `hybrid.device` Device, None on the CPU
         self.max_context = max_context or cfg.max_position_embeddings
-        self.kv_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.kv_dtype = torch.bfloat16 if self.gpu is not None else torch.float32
         self.tiers: dict = {}  # MoE layer -> its LayerTier, when host RAM holds only some experts
         self.prefetcher: Prefetcher | None = None
         self.gpu_cache_slots = 0  # hot experts per MoE layer kept in VRAM
@@ -91,9 +91,11 @@ class Engine:
         if experts not in ("cpu", "reference"):
             raise ValueError(f"experts must be 'cpu' or 'reference', got {experts!r}")
         dev = _resolve_device(device)
-        cuda = dev.type == "cuda"
+        cuda = dev is not None
+        if cuda and experts == "reference":
+            raise ValueError("experts='reference' runs on the CPU only (device='cpu')")
         host = parse_bytes(host_mem) if host_mem else psutil.virtual_memory().available
-        gpu = (parse_bytes(gpu_mem) if gpu_mem else torch.cuda.mem_get_info(dev)[0]) if cuda else 0
+        gpu = (parse_bytes(gpu_mem) if gpu_mem else dev.mem_get_info()[0]) if cuda else 0
         the_plan = plan(cfg, gpu, host, max_context, dtypes=dtypes, gpu=cuda, kv_bytes=2 if cuda else 4)
         max_context = the_plan.kv_capacity_tokens
         tiered = experts == "cpu" and the_plan.expert_slots < cfg.n_routed_experts
@@ -106,23 +108,18 @@ class Engine:
             if ".mlp.experts." in name:
                 return t  # copied into expert stacks (or read into tier slots) by the experts factory
             # a private copy, not the file mapping: a shard truncated under a running engine must not SIGBUS it
-            placed = t.to(dev) if the_plan.device_of(name) == "gpu" else t.clone()
+            placed = dev.to(t) if cuda and the_plan.device_of(name) == "gpu" else t.clone()
             source.release(name)  # the copy is the only one now
             return placed
 
         worker, cache_slots = None, 0
         if experts == "reference":
             def factory(layer, routed, names):
-                return LoopExperts([MLP(*(Fp8Weight(w.q.to(dev), w.scale.to(dev)) for w in (m.gate, m.up, m.down)))
-                                    for m in routed])  # fmt: skip
+                return LoopExperts(routed)
         else:
             import cpu_kernels
 
             cpu_kernels.warmup()  # compiled once, then loaded from Numba's disk cache: no JIT wait later
-            if cuda:
-                from .cuda_kernels import kernels
-
-                kernels()  # built once by torch's extension loader, then cached; checked before use
             worker = ExpertWorker(cfg.hidden_size, cfg.num_experts_per_tok, dev, cls.PREFILL_CHUNK)
             cache_slots = gpu_cache_slots(cfg, the_plan) if cuda else 0
             factory = _hybrid_factory(source, worker, dev, the_plan.expert_slots if tiered else 0, cache_slots,
@@ -169,7 +166,7 @@ class Engine:
         return t
 
     def _cache(self, tokens: int) -> KVCache:
-        return KVCache(self.cfg, tokens, self.kv_dtype, self.device)
+        return KVCache(self.cfg, tokens, self.kv_dtype, torch.zeros if self.gpu is None else self.gpu.zeros)
 
     def _prefill(self, t: torch.Tensor, cache: KVCache, last_only: bool) -> torch.Tensor:
         outs = []
@@ -203,17 +200,17 @@ class Engine:
             pos += 1
 
 
-def _hybrid_factory(source: TensorSource, worker: ExpertWorker, dev: torch.device, slots: int, cache_slots: int,
-                    n_moe: int):
+def _hybrid_factory(source: TensorSource, worker: ExpertWorker, dev, slots: int, cache_slots: int, n_moe: int):
     """Per MoE layer: stack the experts (pinned when a GPU may stream them) or, with `slots`, give the layer that
     many RAM slots over the checkpoint's files (the disk tier); with `cache_slots`, a hot-expert cache in VRAM;
     wrap them in the hybrid backend."""
-    from .cpu_experts import pin, stack_experts
+    from .cpu_experts import stack_experts
     from .gpu_cache import GpuExpertCache, SwapBudget, device_slots
     from .gpu_experts import HybridExperts, StreamedExperts, measure_rates
     from .tiers import IoPools, LayerTier
 
-    cuda = dev.type == "cuda"
+    cuda = dev is not None
+    register = dev.register_host if cuda else None
     shared: dict = {}
     swaps = SwapBudget(per_step=SWAPS_PER_TOKEN / max(1, n_moe))
 
@@ -222,10 +219,10 @@ def _hybrid_factory(source: TensorSource, worker: ExpertWorker, dev: torch.devic
         if slots:
             io = shared.setdefault("io", IoPools())
             template = stack_experts(routed[:1], source, names[:6])
-            tier = LayerTier(layer, E, slots, template, source.tensors, io, pin if cuda else None)
+            tier = LayerTier(layer, E, slots, template, source.tensors, io, register)
             cache = GpuExpertCache(template, E, cache_slots, dev, swaps) if cache_slots else None
             return HybridExperts(None, worker, tier=tier, gpu_cache=cache)
-        stack = stack_experts(routed, source, names, pinned=cuda)
+        stack = stack_experts(routed, source, names, register)
         if not cuda:
             return HybridExperts(stack, worker)
         if not shared:

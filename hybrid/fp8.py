@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from .config import FP8_BLOCK
+from .device import on_device
 
 FP8_MAX = 448.0
 # torch's fp8 -> fp32 `.float()` runs at ~0.15 G elem/s on CPU; a 256-entry table gather is several times faster.
@@ -32,7 +33,7 @@ def codes(q: torch.Tensor) -> np.ndarray:
 
 def fp8_to_float(q: torch.Tensor) -> torch.Tensor:
     """Exact fp8 e4m3 -> fp32 for a tensor on any device."""
-    if q.device.type != "cpu":
+    if on_device(q):
         return q.float()
     return _FP8_TABLE[q.view(torch.uint8).int()]
 
@@ -45,7 +46,7 @@ def expand_scale(scale: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """W[i, j] = fp8(q[i, j]) * scale[i // 128, j // 128] (the scale is multiplied despite its name)."""
     rows, cols = q.shape
-    if q.device.type == "cpu" and q.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32:
+    if not on_device(q) and q.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32:
         from cpu_kernels.dequant import dequantize_into  # one fused pass (the path below moves ~30 B/element)
 
         w = torch.empty(rows, cols)

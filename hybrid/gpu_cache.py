@@ -22,10 +22,11 @@ DECAY = 0.95
 HYSTERESIS = 1.5
 
 
-def device_slots(template: ExpertStack, slots: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Empty device arrays for `slots` experts, laid out like an ExpertStack (fp8 codes as int8, fp32 scales)."""
-    return {f: torch.empty((slots, *getattr(template, f).shape[1:]), device=device,
-                           dtype=torch.int8 if not f.endswith("_s") else torch.float32) for f in FIELDS}  # fmt: skip
+def device_slots(template: ExpertStack, slots: int, device) -> dict[str, torch.Tensor]:
+    """Empty arrays for `slots` experts on `device` (a `hybrid.device` Device), laid out like an ExpertStack (fp8
+    codes as int8, fp32 scales)."""
+    return {f: device.empty((slots, *getattr(template, f).shape[1:]),
+                            torch.int8 if not f.endswith("_s") else torch.float32) for f in FIELDS}  # fmt: skip
 
 
 def slot_mlp(arrays: dict[str, torch.Tensor], slot: int) -> MLP:
@@ -38,7 +39,7 @@ def apply_experts(x: torch.Tensor, ids: np.ndarray, w: torch.Tensor, mlp_of) -> 
     out = torch.zeros_like(x)
     for e in np.unique(ids[ids >= 0]):
         t, k = np.nonzero(ids == e)
-        rows, slots = torch.from_numpy(t).to(x.device), torch.from_numpy(k).to(x.device)
+        rows, slots = x.new_tensor(t, dtype=torch.long), x.new_tensor(k, dtype=torch.long)  # on x's device
         out.index_add_(0, rows, mlp_of(int(e))(x[rows]) * w[rows, slots, None])
     return out
 
@@ -58,10 +59,9 @@ class SwapBudget:
 
 
 class GpuExpertCache:
-    def __init__(self, template: ExpertStack, n_experts: int, slots: int, device: str | torch.device,
-                 budget: SwapBudget | None = None):  # fmt: skip
-        """budget: limits swaps across layers (None: one per layer and step, for tests)."""
-        self.device, self.slots, self.budget = torch.device(device), slots, budget
+    def __init__(self, template: ExpertStack, n_experts: int, slots: int, device, budget: SwapBudget | None = None):
+        """device: a `hybrid.device` Device; budget: limits swaps across layers (None: one per layer and step)."""
+        self.device, self.slots, self.budget = device, slots, budget
         self.arrays = device_slots(template, slots, self.device)
         self.slot_of = np.full(n_experts, -1, np.int64)
         self.expert_in = np.full(slots, -1, np.int64)

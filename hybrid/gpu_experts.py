@@ -21,59 +21,47 @@ MIN_STREAM_TOKENS = 64  # below this the CPU always wins (and deciding would cos
 
 
 class StreamedExperts:
-    """RoutedExperts backend computing on `device` with weights copied in per used expert.
+    """RoutedExperts backend computing on the GPU `device` (a `hybrid.device` Device) with weights copied in per
+    used expert. staging: two device slots (`device_slots(stack, 2, device)`), which all layers can share."""
 
-    staging: two device slots (`device_slots(stack, 2, device)`), which all layers can share.
-    """
-
-    def __init__(self, stack: ExpertStack, device: str | torch.device, staging: dict | None = None):
-        self.stack, self.device = stack, torch.device(device)
+    def __init__(self, stack: ExpertStack, device, staging: dict | None = None):
+        self.stack, self.device = stack, device
         self.host = {f: torch.from_numpy(getattr(stack, f)) for f in FIELDS}
-        self.staging = staging or device_slots(stack, 2, self.device)
-
-    def _load(self, slot: int, e: int) -> None:
-        for f in FIELDS:
-            self.staging[f][slot].copy_(self.host[f][e], non_blocking=True)
+        self.staging = staging or device_slots(stack, 2, device)
 
     def __call__(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        k = idx.shape[1]
+        dev, k = self.device, idx.shape[1]
         flat = idx.reshape(-1).cpu().numpy()
         order = np.argsort(flat, kind="stable")  # (token, slot) pairs grouped by expert
         used, counts = np.unique(flat, return_counts=True)
         bounds = np.concatenate([[0], np.cumsum(counts)])
-        order_t = torch.from_numpy(order).to(self.device)
+        order_t = dev.to(torch.from_numpy(order))
         rows_all, slot_all = order_t // k, order_t % k
         out = torch.zeros_like(x)
-        cuda = self.device.type == "cuda"
-        copy_stream = torch.cuda.Stream(self.device) if cuda else None
-        compute = torch.cuda.current_stream(self.device) if cuda else None
+        copy_stream, compute = dev.stream(), dev.current_stream()
         loaded, freed = [None] * len(used), [None, None]
 
         def start_load(i: int) -> None:
-            if not cuda:
-                self._load(i % 2, int(used[i]))
-                return
-            with torch.cuda.stream(copy_stream):
+            with dev.use_stream(copy_stream):
                 if freed[i % 2] is not None:
                     copy_stream.wait_event(freed[i % 2])  # the expert that used this slot has finished
-                self._load(i % 2, int(used[i]))
-                loaded[i] = torch.cuda.Event()
+                for f in FIELDS:
+                    self.staging[f][i % 2].copy_(self.host[f][int(used[i])], non_blocking=True)
+                loaded[i] = dev.event()
                 loaded[i].record(copy_stream)
 
         with PROFILE("experts (device)"):
             if len(used):
                 start_load(0)
             for i, e in enumerate(used):
-                if cuda:
-                    compute.wait_event(loaded[i])
+                compute.wait_event(loaded[i])
                 if i + 1 < len(used):
                     start_load(i + 1)  # overlaps with this expert's compute
                 mlp = slot_mlp(self.staging, i % 2)
                 rows, slots = rows_all[bounds[i]:bounds[i + 1]], slot_all[bounds[i]:bounds[i + 1]]
                 out.index_add_(0, rows, mlp(x[rows]) * w[rows, slots, None])
-                if cuda:
-                    freed[i % 2] = torch.cuda.Event()
-                    freed[i % 2].record(compute)
+                freed[i % 2] = dev.event()
+                freed[i % 2].record(compute)
         return out
 
 
@@ -168,23 +156,23 @@ class HybridExperts:
         return self.submit(x, idx, w).result()
 
 
-def measure_rates(stack: ExpertStack, worker: ExpertWorker, device: torch.device, tokens: int = 128) -> ExpertRates:
+def measure_rates(stack: ExpertStack, worker: ExpertWorker, device, tokens: int = 128) -> ExpertRates:
     """PCIe: a pinned-to-device copy of a few experts' gate weights; CPU: one prefill-sized job on the worker."""
     src = torch.from_numpy(stack.gate[: min(stack.num_experts, 8)])
-    dst = torch.empty(src.shape, dtype=src.dtype, device=device)
+    dst = device.empty(src.shape, src.dtype)
     seconds = []
     for _ in range(2):  # the first copy also pays for lazy initialisation
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start, end = device.event(timing=True), device.event(timing=True)
         start.record()
         dst.copy_(src, non_blocking=True)
         end.record()
         end.synchronize()
-        seconds.append(start.elapsed_time(end) / 1e3)
+        seconds.append(max(start.elapsed_time(end), 1e-6) / 1e3)
     k = worker.top_k
     g = torch.Generator().manual_seed(0)
     idx = torch.stack([torch.randperm(stack.num_experts, generator=g)[:k] for _ in range(tokens)])
     x = torch.randn(tokens, stack.hidden, generator=g)
     before = worker.cpu_seconds
-    worker.submit(stack, x.to(device), idx.to(device), torch.full((tokens, k), 1.0 / k, device=device)).result()
+    worker.submit(stack, device.to(x), device.to(idx), device.to(torch.full((tokens, k), 1.0 / k))).result()
     cpu_s = worker.cpu_seconds - before
     return ExpertRates(cpu_flops_per_s=expert_flops(stack, tokens * k) / cpu_s, pcie_bytes_per_s=src.nbytes / seconds[-1])

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from cpu_kernels import mla
 
 from .config import ModelConfig, yarn_mscale
+from .device import on_device
 from .fp8 import Fp8Weight, bf16_matmul_cpu, codes, fp8_matmul_cpu
 from .profile import PROFILE
 
@@ -25,26 +26,25 @@ def dense(w: Fp8Weight | torch.Tensor) -> torch.Tensor:
 
 
 FUSED_MAX_TOKENS = 4  # up to here a CPU fp8 linear streams the codes; beyond, dequantize once and matmul
+GPU_FUSED_MAX_TOKENS = 16  # up to here a GPU fp8 linear reads the codes (Triton); beyond, dequantize and matmul
 
 
 def linear(x: torch.Tensor, w: Fp8Weight | torch.Tensor) -> torch.Tensor:
     """y = x W^T in fp32 (the one place a linear's path is chosen)."""
-    if x.dim() == 2 and x.shape[0] <= FUSED_MAX_TOKENS and not x.requires_grad:
-        if _fused_cpu(x, w):
+    if x.dim() == 2 and not x.requires_grad:
+        if x.shape[0] <= FUSED_MAX_TOKENS and _fused_cpu(x, w):
             return fp8_matmul_cpu(x, w)
-        if x.device.type == "cpu" and w.dtype == torch.bfloat16 and not w.requires_grad:  # lm_head: no fp32 copy
-            return bf16_matmul_cpu(x, w)
-        if x.is_cuda and isinstance(w, Fp8Weight):
-            from .cuda_kernels import fp8_linear  # cuda/fp8_linear.cu, when it builds and passes its check
+        if x.shape[0] <= FUSED_MAX_TOKENS and not on_device(x) and w.dtype == torch.bfloat16 and not w.requires_grad:
+            return bf16_matmul_cpu(x, w)  # the lm_head: no fp32 copy
+        if x.shape[0] <= GPU_FUSED_MAX_TOKENS and on_device(x) and isinstance(w, Fp8Weight):
+            from .gpu_kernels import fp8_linear
 
-            y = fp8_linear(x, w.q, w.scale)
-            if y is not None:
-                return y
+            return fp8_linear(x.float(), w.q, w.scale)
     return F.linear(x, dense(w))
 
 
 def _fused_cpu(x: torch.Tensor, w) -> bool:
-    return isinstance(w, Fp8Weight) and x.device.type == "cpu" and not x.requires_grad
+    return isinstance(w, Fp8Weight) and not on_device(x) and not x.requires_grad
 
 
 def absorb_query(q_nope: torch.Tensor, kv_b: Fp8Weight | torch.Tensor, dv: int) -> torch.Tensor:
@@ -115,11 +115,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache:
     """MLA latent cache: per layer and token the normalised latent c (C) and the rotated shared key (dr)."""
 
-    def __init__(self, cfg: ModelConfig, capacity: int, dtype: torch.dtype = torch.float32, device="cpu"):
+    def __init__(self, cfg: ModelConfig, capacity: int, dtype: torch.dtype = torch.float32, zeros=torch.zeros):
+        """zeros(shape, dtype=) allocates on the cache's device (torch.zeros: host; a GPU Device's zeros)."""
         # one tensor per layer: a write to one layer's cache never touches what another layer read (autograd)
         layers = range(cfg.num_hidden_layers)
-        self.c = [torch.zeros(capacity, cfg.kv_lora_rank, dtype=dtype, device=device) for _ in layers]
-        self.pe = [torch.zeros(capacity, cfg.qk_rope_head_dim, dtype=dtype, device=device) for _ in layers]
+        self.c = [zeros((capacity, cfg.kv_lora_rank), dtype=dtype) for _ in layers]
+        self.pe = [zeros((capacity, cfg.qk_rope_head_dim), dtype=dtype) for _ in layers]
         self.capacity = capacity
 
 
@@ -143,10 +144,19 @@ class Attention:
         q = linear(q_in, self.q_b).view(T, nh, dn + dr)
         q_nope, q_pe = q[..., :dn], apply_rope(q[..., dn:], cos[:, None], sin[:, None])
         kv = linear(x, self.kv_a)
-        end = start + T
-        cache.c[self.layer][start:end] = rms_norm(kv[:, :C], self.kv_a_norm, cfg.rms_norm_eps)
-        cache.pe[self.layer][start:end] = apply_rope(kv[:, C:], cos, sin)
-        c, pe = cache.c[self.layer][:end].float(), cache.pe[self.layer][:end].float()
+        end, cached_c, cached_pe = start + T, cache.c[self.layer], cache.pe[self.layer]
+        c_new, pe_new = rms_norm(kv[:, :C], self.kv_a_norm, cfg.rms_norm_eps), apply_rope(kv[:, C:], cos, sin)
+        cached_c[start:end], cached_pe[start:end] = c_new, pe_new
+        if T == 1 and on_device(x) and isinstance(self.kv_b, Fp8Weight):  # one Triton path over the bf16 cache
+            from .gpu_kernels import mla_decode
+
+            out = mla_decode(q_nope[0], q_pe[0], self.kv_b.q, self.kv_b.scale, cached_c, cached_pe, end,
+                             cfg.softmax_scale, dv)  # fmt: skip
+            return linear(out.reshape(T, nh * dv), self.o)
+        # the chunk's own latents at full precision, earlier ones as cached (bf16 on a GPU): with a bf16 cache read
+        # back, near-tie routing flips made random-weight prefill logits differ by up to 30% from fp32
+        c = c_new if start == 0 else torch.cat([cached_c[:start].float(), c_new])
+        pe = pe_new if start == 0 else torch.cat([cached_pe[:start].float(), pe_new])
 
         if T == 1:  # absorbed decode: never expand the cache into per-head keys and values
             q_abs = absorb_query(q_nope[0], self.kv_b, dv)[None]
@@ -159,8 +169,7 @@ class Attention:
             k = torch.cat([kvb[..., :dn], pe[:, None].expand(end, nh, dr)], dim=-1)
             q = torch.cat([q_nope, q_pe], dim=-1)
             # SDPA's is_causal aligns the mask top-left, which is only right for a chunk starting at position 0
-            mask = None if start == 0 else (
-                torch.arange(end, device=x.device)[None, :] <= torch.arange(start, end, device=x.device)[:, None])
+            mask = None if start == 0 else x.new_ones((T, end), dtype=torch.bool).tril(start)  # key j <= start + i
             out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), kvb[..., dn:].transpose(0, 1),
                                                  attn_mask=mask, is_causal=start == 0, scale=cfg.softmax_scale)
             out = out.transpose(0, 1)
@@ -274,9 +283,9 @@ class Transformer:
     def __init__(self, cfg: ModelConfig, embed: torch.Tensor, blocks: list[Block], norm: torch.Tensor,
                  lm_head: torch.Tensor):  # fmt: skip
         self.cfg, self.embed, self.blocks, self.norm, self.lm_head = cfg, embed, blocks, norm, lm_head
-        self.device = norm.device  # where the blocks compute; the embedding table may stay in host RAM
         inv_freq, self.rope_mult = rope_frequencies(cfg)
-        self.inv_freq = inv_freq.to(self.device)
+        # on the blocks' device (norm's); the embedding table may stay in host RAM
+        self.inv_freq = norm.new_empty(inv_freq.shape, dtype=torch.float32).copy_(inv_freq)
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, start: int, cache: KVCache, last_only: bool = False) -> torch.Tensor:
@@ -288,9 +297,9 @@ class Transformer:
         T = ids.shape[0]
         if start + T > cache.capacity:
             raise ValueError(f"sequence of {start + T} tokens exceeds the KV cache capacity {cache.capacity}")
-        angles = torch.arange(start, start + T, dtype=torch.float32, device=self.device)[:, None] * self.inv_freq
+        angles = self.inv_freq.new_tensor(range(start, start + T))[:, None] * self.inv_freq
         cos, sin = angles.cos() * self.rope_mult, angles.sin() * self.rope_mult
-        x = self.embed[ids.to(self.embed.device)].float().to(self.device)
+        x = self.embed[ids].to(self.inv_freq)  # fp32 rows, moved to the blocks' device when the table is on the host
         for block in self.blocks:
             x = block(x, start, cache, cos, sin)
         if last_only:

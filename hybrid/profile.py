@@ -12,20 +12,19 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
 
-import torch
 
 
 class Profile:
     def __init__(self):
         self.enabled = False
-        self.sync_cuda = False
+        self.sync = None  # called around each section (a GPU's synchronize), so GPU time lands where it is spent
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
         self._lock = threading.Lock()  # the expert worker adds its own phases from another thread
 
-    def start(self, sync_cuda: bool = False) -> None:
+    def start(self, sync=None) -> None:
         self.reset()
-        self.enabled, self.sync_cuda = True, sync_cuda
+        self.enabled, self.sync = True, sync
 
     def stop(self) -> dict[str, float]:
         self.enabled = False
@@ -44,14 +43,14 @@ class Profile:
 
     @contextmanager
     def _timed(self, phase: str):
-        if self.sync_cuda:
-            torch.cuda.synchronize()
+        if self.sync is not None:
+            self.sync()
         t0 = time.perf_counter()
         try:
             yield
         finally:
-            if self.sync_cuda:
-                torch.cuda.synchronize()
+            if self.sync is not None:
+                self.sync()
             self.add(phase, time.perf_counter() - t0)
 
     def __call__(self, phase: str):

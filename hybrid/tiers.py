@@ -100,13 +100,14 @@ class LayerTier:
     """The RAM slots of one MoE layer and which expert each holds."""
 
     def __init__(self, layer: int, n_experts: int, slots: int, template: ExpertStack, infos: dict[str, TensorInfo],
-                 io: IoPools, pin=None):  # fmt: skip
-        """template: a 1-expert stack giving shapes; infos: checkpoint tensor name -> where it lies in its shard."""
+                 io: IoPools, register=None):  # fmt: skip
+        """template: a 1-expert stack giving shapes; infos: checkpoint tensor name -> where it lies in its shard;
+        register: page-locks the slots in place (`Device.register_host`) when a GPU reads them by DMA."""
         self.layer, self.n_experts, self.slots, self.io, self.infos = layer, n_experts, slots, io, infos
         arrays = {}
         for f in FIELDS:
             a = np.empty((slots, *getattr(template, f).shape[1:]), getattr(template, f).dtype)
-            arrays[f] = pin(a) if pin else a
+            arrays[f] = register(a) if register else a
         self.stack = ExpertStack(**arrays)
         self.slot_of = np.full(n_experts, -1, np.int64)
         self.expert_in = np.full(slots, -1, np.int64)

@@ -29,6 +29,20 @@ def test_greedy_decoding_gives_the_trained_answers(demo, i):
         assert [c.to_openai() for c in r.tool_calls] == [reply]
 
 
+def test_the_gpu_path_decodes_the_same_tokens_on_the_trained_model(demo):
+    """The well-conditioned case for the GPU path (bf16 KV cache, Triton decode kernels; the stand-in without a
+    GPU): the trained model's greedy tokens equal the CPU path's for 32 steps, every step by a clear margin."""
+    from hybrid import Engine
+
+    cpu = ChatSession.open(demo, progress=False)
+    gpu = Engine.from_pretrained(demo, device="cuda", progress=False, max_context=512)
+    prompt = cpu.prompt_ids(TRANSCRIPTS[0][0])
+    ours = list(cpu.engine.generate(prompt, 32))  # past the answer's end: no stop tokens
+    top2 = cpu.engine.logits(prompt + ours[:-1])[len(prompt) - 1 :].topk(2).values
+    assert float(((top2[:, 0] - top2[:, 1]) / top2[:, 0].abs()).min()) > 2e-2
+    assert list(gpu.generate(prompt, 32)) == ours
+
+
 @pytest.fixture(scope="module")
 def demo_client(demo):
     proc, base = start_server(demo, max_queue=4, max_context=1024, model_name="demo")

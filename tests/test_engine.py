@@ -57,10 +57,14 @@ def test_bad_ids_are_refused(engine):
         next(engine.generate([-1], 4))
 
 
-def test_unknown_or_missing_devices_are_refused_clearly(tiny):
-    with pytest.raises(ValueError, match="'cpu' or 'cuda'"):
-        Engine.from_pretrained(tiny, device="mps", progress=False)
+def test_unknown_or_missing_devices_are_refused_clearly(tiny, monkeypatch):
+    for bad in ("mps", "gpu0"):
+        with pytest.raises(ValueError, match="'cpu' or 'cuda'"):
+            Engine.from_pretrained(tiny, device=bad, progress=False)
+    with pytest.raises(ValueError, match="runs on the CPU only"):
+        Engine.from_pretrained(tiny, device="cuda", experts="reference", progress=False)
     if not torch.cuda.is_available():
+        monkeypatch.setenv("HYBRID_GPU_STANDIN", "0")
         with pytest.raises(ValueError, match="no CUDA device"):
             Engine.from_pretrained(tiny, device="cuda", progress=False)
 

@@ -2,13 +2,14 @@
 
 import pytest
 import torch
-from conftest import relative_error
+from conftest import prefill_then_decode_logits, relative_error
 from reference import dequantized_copy, load_reference, native_fp8, reference_logits
 
 from hybrid import Engine
 from hybrid.model import KVCache
 
 TOL = 1e-4  # max relative logit error, fp32 against fp32
+GPU_TOL = 2e-2  # the GPU path (bf16 KV cache, Triton kernels; the stand-in where there is no GPU) against fp32
 DS_YARN = {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32,
            "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}  # fmt: skip
 
@@ -38,7 +39,9 @@ def reference_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_logits_match_transformers(name, checkpoint_factory, reference_dir):
+def test_logits_match_transformers(name, checkpoint_factory, reference_dir, gpu):
+    """The CPU path within 1e-4 of transformers; the GPU path (its prefill, then its decode kernels step by step)
+    within 2e-2 of both."""
     ckpt = checkpoint_factory(name, **CONFIGS[name])
     engine = Engine.from_pretrained(ckpt, progress=False)
     ref = load_reference(dequantized_copy(ckpt, reference_dir(name)))
@@ -51,6 +54,17 @@ def test_logits_match_transformers(name, checkpoint_factory, reference_dir):
     err = relative_error(ours, theirs)
     print(f"{name}: max relative logit error {err:.2e}")
     assert err <= TOL
+
+    on_gpu = Engine.from_pretrained(ckpt, device="cuda", progress=False, max_context=64)
+    prefill = on_gpu.logits(ids)
+    # decode kernels (Triton fp8 linears, MLA decode) step by step; over an fp32 cache, since a bf16 one moves
+    # near-tie routing decisions of these random-weight models (test_greedy_generation_... covers bf16)
+    on_gpu.kv_dtype = torch.float32
+    stepwise = prefill_then_decode_logits(on_gpu, ids, 40)
+    errors = [relative_error(a, b) for a in (prefill, stepwise) for b in (theirs, ours)]
+    print(f"{name}: GPU path prefill / decode vs transformers {errors[0]:.1e} / {errors[2]:.1e}, "
+          f"vs the CPU path {errors[1]:.1e} / {errors[3]:.1e}")  # fmt: skip
+    assert max(errors) <= GPU_TOL
 
 
 def test_transformers_own_fp8_dequantization_agrees(checkpoint_factory, reference_dir):
