@@ -14,6 +14,7 @@ Only `CudaDevice` is left unexecuted by CI (no GPU there); everything else runs 
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -40,7 +41,17 @@ def get(index: int | None = None) -> "CudaDevice | StandinDevice":
     if not torch.cuda.is_available():
         raise ValueError("device='cuda' but torch sees no CUDA device (torch.cuda.is_available() is False); use "
                          f"device='cpu' (or {STANDIN_ENV}=1 to run the GPU path on the CPU for testing)")  # fmt: skip
-    return CudaDevice(torch.cuda.current_device() if index is None else index)  # pragma: no cover
+    return _cuda(torch.cuda.current_device() if index is None else index)  # pragma: no cover
+
+
+@functools.cache
+def _cuda(index: int) -> "CudaDevice":  # pragma: no cover
+    return CudaDevice(index)
+
+
+def of(t: torch.Tensor) -> "CudaDevice | StandinDevice":
+    """The device a kernel's operands live on: their CUDA device, else the stand-in (Triton's interpreter)."""
+    return _cuda(t.device.index) if t.is_cuda else StandinDevice.instance()
 
 
 def on_device(t: torch.Tensor) -> bool:
@@ -74,6 +85,10 @@ class CudaDevice:  # pragma: no cover  (the one piece CI cannot run: it needs a 
 
     def capability(self) -> tuple[int, int]:
         return torch.cuda.get_device_capability(self.torch_device)
+
+    @functools.cache
+    def sm_count(self) -> int:
+        return torch.cuda.get_device_properties(self.torch_device).multi_processor_count
 
     def max_memory_allocated(self) -> int:
         return torch.cuda.max_memory_allocated(self.torch_device)
@@ -121,11 +136,13 @@ class StandinEvent:
     def __init__(self, timing: bool = False):
         self.recorded_at: float | None = None
         self._landing: list = []  # deferred device-to-host copies that this event's completion makes visible
+        self._after: StandinEvent | None = None  # the stream's previous event: completes before this one
 
     def record(self, stream: "StandinStream | None" = None) -> None:
         stream = stream or StandinDevice.instance().current_stream()
         self.recorded_at = time.perf_counter()
         self._landing.extend(stream.take_pending())
+        self._after, stream.last_event = stream.last_event, self
 
     def _check(self, what: str) -> None:
         if self.recorded_at is None:
@@ -133,7 +150,11 @@ class StandinEvent:
 
     def synchronize(self) -> None:
         self._check("synchronize on")
-        _land(self._landing)
+        event = self
+        while event is not None:  # this event and the earlier ones on its stream, whose work came first
+            _land(event._landing)
+            earlier, event._after = event._after, None
+            event = earlier
 
     def query(self) -> bool:
         return self.recorded_at is not None
@@ -148,6 +169,7 @@ class StandinStream:
     def __init__(self):
         self._pending: list = []
         self._lock = threading.Lock()
+        self.last_event: StandinEvent | None = None
 
     def defer(self, land) -> None:
         with self._lock:
@@ -162,6 +184,8 @@ class StandinStream:
         event._check("wait on")  # the stand-in's device work runs in order already; only the check matters
 
     def synchronize(self) -> None:
+        if self.last_event is not None:
+            self.last_event.synchronize()
         _land(self.take_pending())
 
 
@@ -211,8 +235,14 @@ class StandinDevice:
     def mem_get_info(self) -> tuple[int, int]:
         return self.total, self.total
 
+    # it plays an H100: Triton's interpreter runs the grids and the fp8 conversion path the kernels pick there
+    compute_capability = (9, 0)
+
     def capability(self) -> tuple[int, int]:
-        return (0, 0)  # the Triton interpreter: no hardware fp8 conversion assumed
+        return self.compute_capability
+
+    def sm_count(self) -> int:
+        return 132
 
     def max_memory_allocated(self) -> int:
         return 0

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from . import device as gpu_device
 from .device import standin_enabled
 from .fp8 import dequantize
 
@@ -24,7 +25,6 @@ BLOCK_R_T, BLOCK_K_T = 64, 128  # the transposed product: 8 KB of codes per step
 BLOCK_H, BLOCK_T = 16, 32  # mla_decode: 16 heads share each cache tile; 32 tokens (36 KB of bf16) per step
 MIN_TILES_PER_SPLIT = 4  # split-K programs stream >= 512 columns (32 KB of codes) each
 MIN_SPLIT_TOKENS = 256  # below this the [splits, nh, C] partials cost more than the cache they summarise
-DEFAULT_SMS = 132  # an H100's SM count, used under the interpreter so it picks the GPU's split
 WAVES = 4  # programs per SM to aim for: enough loads in flight to saturate HBM
 
 
@@ -51,20 +51,11 @@ def _sources():
     return modules
 
 
-@functools.cache
-def _cuda_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return DEFAULT_SMS
-    return _cuda_sms(torch.cuda.current_device() if device.index is None else device.index)
-
-
-def _use_hw_fp8(device: torch.device, hw_fp8: bool | None) -> bool:
-    has_cvt = device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)  # sm_89+: fp8 cvt
-    _check(has_cvt or not hw_fp8, "hw_fp8", f"{device} has no fp8 conversion instructions (sm_89+ only)")
+def _use_hw_fp8(t: torch.Tensor, hw_fp8: bool | None) -> bool:
+    gpu = gpu_device.of(t)
+    has_cvt = gpu.capability() >= (8, 9)  # sm_89+: fp8 conversion instructions
+    _check(has_cvt or not hw_fp8, "hw_fp8", f"{gpu.name} (compute capability {gpu.capability()}) has no fp8 "
+           "conversion instructions (sm_89+ only)")  # fmt: skip
     return has_cvt if hw_fp8 is None else hw_fp8
 
 
@@ -119,10 +110,10 @@ def fp8_linear_grouped(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, ro
     _check(out.device == x.device, "out", f"is on {out.device}, x on {x.device}")
     if x.stride(-1) != 1:
         x = x.contiguous()
-    hw = _use_hw_fp8(x.device, hw_fp8)
+    hw = _use_hw_fp8(x, hw_fp8)
     k_tiles, n_programs = math.ceil(K / BLOCK_K), G * math.ceil(rows / BLOCK_N)
     if split_k is None:  # few output rows (kv_a: 9 blocks) would leave most SMs idle: split the columns too
-        split_k = min(math.ceil(WAVES * _sm_count(x.device) / n_programs), k_tiles // MIN_TILES_PER_SPLIT)
+        split_k = min(math.ceil(WAVES * gpu_device.of(x).sm_count() / n_programs), k_tiles // MIN_TILES_PER_SPLIT)
     tiles = math.ceil(k_tiles / max(1, min(split_k, k_tiles)))
     splits = math.ceil(k_tiles / tiles)  # no empty split
     # partial sums go to a [splits, G, M, N] buffer summed afterwards: deterministic, no atomics
@@ -149,7 +140,7 @@ def fp8_linear_grouped_t(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, 
     _check(row_stride >= 0 and row_offset >= 0, "row_stride", "strides and offsets must be >= 0")
     last = (G - 1) * row_stride + row_offset + R
     _check(last <= q.shape[0], "q", f"has {q.shape[0]} rows, the groups reach row {last}")
-    x, K, hw = x.contiguous(), q.shape[1], _use_hw_fp8(x.device, hw_fp8)
+    x, K, hw = x.contiguous(), q.shape[1], _use_hw_fp8(x, hw_fp8)
     y = x.new_empty(G, K)
     _sources()["fp8_linear"].fp8_linear_t_kernel[(G, math.ceil(K / BLOCK_K_T))](
         x, q if hw else q.view(torch.uint8), scale.contiguous(), y, R, K, x.stride(0), row_stride, row_offset,
@@ -158,9 +149,9 @@ def fp8_linear_grouped_t(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, 
     return y
 
 
-def default_split_tokens(length: int, nh: int, device: torch.device) -> int:
+def default_split_tokens(length: int, nh: int, cache: torch.Tensor) -> int:
     """Tokens per split: enough splits for WAVES/2 programs per SM, each at least MIN_SPLIT_TOKENS long."""
-    splits = max(1, WAVES * _sm_count(device) // (2 * math.ceil(nh / BLOCK_H)))
+    splits = max(1, WAVES * gpu_device.of(cache).sm_count() // (2 * math.ceil(nh / BLOCK_H)))
     return max(MIN_SPLIT_TOKENS, math.ceil(math.ceil(length / splits) / BLOCK_T) * BLOCK_T)
 
 
@@ -188,7 +179,7 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_b_q: torch.Tensor, k
     _check(c.stride(1) == 1 and pe.stride(1) == 1, "c", "c and pe need unit column stride (no copy of a cache)")
 
     q_abs = fp8_linear_grouped_t(q_nope.contiguous(), kv_b_q, kv_b_scale, dn + dv, 0, hw_fp8=hw_fp8)  # [nh, C]
-    st = split_tokens or default_split_tokens(length, nh, c.device)
+    st = split_tokens or default_split_tokens(length, nh, c)
     splits = math.ceil(length / st)
     # new_empty: outputs on the inputs' device, whatever kind of tensor that is (CUDA, CPU, a stand-in's)
     m, l_sum, acc = q_abs.new_empty(splits, nh), q_abs.new_empty(splits, nh), q_abs.new_empty(splits, nh, C)

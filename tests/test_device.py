@@ -66,6 +66,15 @@ def test_async_device_to_host_copies_land_only_after_a_synchronization(dev):
     event.synchronize()
     assert torch.equal(dst, torch.full((5,), 3.0))
 
+    first, second = torch.zeros(5), torch.zeros(5)
+    first.copy_(src, non_blocking=True)
+    dev.event().record()
+    second.copy_(src, non_blocking=True)
+    last = dev.event()
+    last.record()
+    last.synchronize()  # a later event's completion implies the earlier work on its stream is done too
+    assert float(first.sum()) == float(second.sum()) == 45
+
     later = torch.zeros(5)
     later.copy_(src, non_blocking=True)
     dev.current_stream().synchronize()

@@ -152,7 +152,7 @@ def test_mla_decode_across_split_boundaries(mla, length, hw_fp8):
 def test_mla_decode_matches_the_models_absorbed_path(mla):
     """A long context with the default split (4 x 256 tokens here) against float64 and model.py's T == 1 branch."""
     length = 1000
-    assert gk.default_split_tokens(length, NH, torch.device(DEVICE)) < length
+    assert gk.default_split_tokens(length, NH, torch.empty(0, device=DEVICE)) < length
     out, ref = run_mla(mla, length)
     assert relative_error(out, ref) <= TOL
     kv_b, c, pe, q_nope, q_pe = mla
@@ -217,3 +217,15 @@ def test_standin_interprets_even_after_triton_was_imported_and_set_to_compile():
     env = {**os.environ, "HYBRID_GPU_STANDIN": "1"}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="plays an older GPU on the stand-in")
+def test_a_gpu_without_fp8_conversion_gets_the_bit_path_and_refuses_the_hardware_one(monkeypatch):
+    from hybrid.device import StandinDevice
+
+    monkeypatch.setattr(StandinDevice, "compute_capability", (8, 6))  # an RTX 3090
+    w = quantize(torch.randn(40, 256))
+    x = torch.randn(3, 256)
+    assert relative_error(gk.fp8_linear(x, w.q, w.scale), gk.fp8_linear_reference(x, w.q, w.scale, torch.float64)) <= TOL
+    with pytest.raises(ValueError, match="^hw_fp8: .*no fp8 conversion instructions"):
+        gk.fp8_linear(x, w.q, w.scale, hw_fp8=True)

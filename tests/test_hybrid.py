@@ -14,7 +14,7 @@ from hybrid.config import ModelConfig
 from hybrid.cpu_experts import ExpertWorker, expert_flops
 from hybrid.device import on_device
 from hybrid.gpu_experts import MIN_STREAM_TOKENS, ExpertRates, HybridExperts, StreamedExperts, stream_is_faster
-from hybrid.placement import GiB, PlanError, plan
+from hybrid.placement import GiB, PlanError, gpu_mem_for, plan
 from hybrid.presets import KIMI_K2_INSTRUCT
 
 TOL = 1e-5
@@ -110,7 +110,9 @@ def test_plan_picks_the_longest_context_that_fits_and_places_tensors():
 
 @pytest.fixture(scope="module")
 def gpu_engine(tiny, gpu):
-    return Engine.from_pretrained(tiny, device="cuda", progress=False, max_context=512)
+    """4 of 16 experts per layer fit the hot-expert cache: each step splits its experts between GPU and CPU."""
+    gpu_mem = gpu_mem_for(ModelConfig.from_file(tiny), 4, 512)
+    return Engine.from_pretrained(tiny, device="cuda", gpu_mem=gpu_mem, progress=False, max_context=512)
 
 
 def test_gpu_engine_matches_the_cpu_engine(tiny, gpu, gpu_engine):
@@ -119,6 +121,7 @@ def test_gpu_engine_matches_the_cpu_engine(tiny, gpu, gpu_engine):
     assert on_device(attn.q_b.q) and on_device(attn.kv_b.scale) and gpu_engine.kv_dtype == torch.bfloat16
     assert gpu.is_pinned(gpu_engine.model.blocks[1].ffn.experts.stack.gate)
     assert gpu_engine.worker.threaded  # the routed experts run beside the device work
+    assert gpu_engine.gpu_cache_slots == 4
     ids = list(range(5, 60))
     a, b = gpu_engine.logits(ids), cpu.logits(ids)
     assert logit_error(a, b) <= GPU_TOL
