@@ -136,10 +136,10 @@ def test_gpu_engine_with_disk_tier_and_hot_cache_matches_the_cpu_engine(tiny, fu
     assert all(gpu.is_pinned(t.stack.gate) for t in engine.tiers.values())
     ours, theirs = engine.logits(PROMPT), full.logits(PROMPT)
     assert float((ours - theirs).abs().max() / theirs.abs().max()) <= 2e-2
-    tokens = list(engine.generate(PROMPT[:5], 12))
+    tokens = list(engine.generate(PROMPT[:5], 8))
     cache = engine.model.blocks[1].ffn.experts.gpu_cache
     assert cache.swaps > 0 and cache.hit_rate > 0
-    assert_greedy_agrees(tokens, full, PROMPT[:5], 12)
+    assert_greedy_agrees(tokens, full, PROMPT[:5], 8)
 
 
 def test_a_step_needing_slots_that_prefetches_hold_waits_or_cancels_and_reads_the_right_experts(tiny, monkeypatch):
