@@ -2,13 +2,15 @@
 
     python bench/cpu_experts.py            # full: 384 experts (~17 GB fp8 + ~34 GB bf16), for big boxes
     python bench/cpu_experts.py --quick    # 48 experts (2.1 GB fp8), under 40 s on a 2-core box
+    python bench/cpu_experts.py --quick --format int4   # native INT4 experts (K2-Thinking / K2.5), 1.2 GB
 
 Validates both kernels against the float64 reference first, then measures, in one run: STREAM-like read
 bandwidth; the decode kernel (1 token x top-8, cycling over all experts, >= 2 GB, so caches cannot help);
 the prefill kernel at 16/128/512 tokens routed over 384 experts; torch's matmul on the same weights
-dequantized to bf16. Prints a table, appends JSON lines to bench/results/cpu_experts.jsonl, and prints a JSON
-summary as its last line. With fewer physical experts than 384, prefill routes over 384 virtual experts in
-rounds (virtual v uses physical v mod E), so each expert sees K2's token counts.
+dequantized to bf16. With --format int4 the same for the native-INT4 kernels (cpu_kernels/int4.py), decode GB/s
+counting packed nibbles + bf16 scales. Prints a table, appends JSON lines to bench/results/cpu_experts.jsonl,
+and prints a JSON summary as its last line. With fewer physical experts than 384, prefill routes over 384
+virtual experts in rounds (virtual v uses physical v mod E), so each expert sees K2's token counts.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cpu_kernels import ExpertStack, reference_moe, routed_moe, warmup  # noqa: E402
+from cpu_kernels.int4 import (Int4ExpertStack, dequantize_int4, pack_int4, reference_moe_int4,  # noqa: E402
+                              routed_moe_int4)  # fmt: skip
 from hybrid.fp8 import dequantize  # noqa: E402
 from cpu_kernels.stream import read_bandwidth  # noqa: E402
 from common import RESULTS, append_result, machine  # noqa: E402
@@ -60,23 +64,44 @@ def torch_weights(bases, n_experts: int) -> list[dict]:
     return [{n: w.clone() for n, w in deq[e % BASES].items()} for e in range(n_experts)]
 
 
-def validate(stack: ExpertStack, rng) -> float:
+def build_int4(n_experts: int, rng) -> tuple[Int4ExpertStack, list]:
+    """K2-shaped INT4 experts: codes -8..7 from a rounded normal (the -8 code included), bf16 group scales."""
+    shapes = {"gate": (I, H), "up": (I, H), "down": (H, I)}
+    bases = [{n: (pack_int4(np.clip(np.rint(rng.standard_normal(s) * 2.5), -8, 7).astype(np.int8)),
+                  torch.from_numpy(np.exp(0.25 * rng.standard_normal((s[0], s[1] // 32))) / (2.5 * np.sqrt(s[1])))
+                  .bfloat16()) for n, s in shapes.items()} for _ in range(BASES)]  # fmt: skip
+    arrays = {}
+    for n, (rows, cols) in shapes.items():
+        q = np.empty((n_experts, rows, cols // 8), np.int32)
+        sc = torch.empty((n_experts, rows, cols // 32), dtype=torch.bfloat16)
+        for e in range(n_experts):
+            q[e], sc[e] = bases[e % BASES][n]
+        arrays[n] = (q, sc)
+    return Int4ExpertStack.from_packed(**arrays), bases
+
+
+def torch_weights_int4(bases, n_experts: int) -> list[dict]:
+    deq = [{n: torch.from_numpy(dequantize_int4(q, s)).bfloat16() for n, (q, s) in b.items()} for b in bases]
+    return [{n: w.clone() for n, w in deq[e % BASES].items()} for e in range(n_experts)]
+
+
+def validate(stack, rng, moe=routed_moe, reference=reference_moe) -> float:
     worst = 0.0
     for T in (1, 9):  # decode kernel, then grouped GEMM (tiles: 9 tokens on each of the two experts)
         x = rng.standard_normal((T, H)).astype(np.float32)
         ids, k = np.tile(np.arange(2, dtype=np.int64), (T, 1)), 2
         w = rng.random((T, k)).astype(np.float32)
         out = np.full((T, H), np.nan, np.float32)
-        routed_moe(x, ids, w, stack, out)
-        ref = reference_moe(x, ids, w, stack)
+        moe(x, ids, w, stack, out)
+        ref = reference(x, ids, w, stack)
         worst = max(worst, float(np.abs(out - ref).max() / np.abs(ref).max()))
     if not worst <= 1e-5:
         raise SystemExit(f"validation failed: max relative error {worst:.2e}")
     return worst
 
 
-def bench_decode(stack: ExpertStack, calls: int, rng) -> tuple[float, float]:
-    """GB/s of fp8 + scale bytes streamed per call (median), cycling through every expert in turn."""
+def bench_decode(stack, calls: int, rng, moe=routed_moe) -> tuple[float, float]:
+    """GB/s of weight (fp8 or packed int4) + scale bytes per call (median), cycling through every expert in turn."""
     x = rng.standard_normal((1, H)).astype(np.float32)
     w = rng.random((1, TOPK)).astype(np.float32)
     out = np.empty((1, H), np.float32)
@@ -86,7 +111,7 @@ def bench_decode(stack: ExpertStack, calls: int, rng) -> tuple[float, float]:
     for c in range(calls):
         ids = order[(np.arange(TOPK) + c * TOPK) % E][None].astype(np.int64)
         t0 = time.perf_counter()
-        routed_moe(x, ids, w, stack, out)
+        moe(x, ids, w, stack, out)
         times.append(time.perf_counter() - t0)
     nbytes = TOPK * stack.expert_bytes()
     return nbytes / statistics.median(times) / 1e9, nbytes / min(times) / 1e9
@@ -102,7 +127,7 @@ def rounds(T: int, E: int, rng):
         yield tok[sel], (v[sel] - r * E).astype(np.int64)
 
 
-def bench_prefill(stack: ExpertStack, tw: list, T: int, rng) -> tuple[float, float, float]:
+def bench_prefill(stack, tw: list, T: int, rng, moe=routed_moe) -> tuple[float, float, float]:
     """(our GFLOP/s, torch bf16 GFLOP/s, seconds) for T tokens; assignments flattened to one expert per row."""
     x = rng.standard_normal((T, H)).astype(np.float32)
     ours = theirs = 0.0
@@ -112,7 +137,7 @@ def bench_prefill(stack: ExpertStack, tw: list, T: int, rng) -> tuple[float, flo
         w = np.ones((len(tok), 1), np.float32)
         out = np.empty_like(xs)
         t0 = time.perf_counter()
-        routed_moe(xs, ids[:, None], w, stack, out)
+        moe(xs, ids[:, None], w, stack, out)
         ours += time.perf_counter() - t0
         xb = torch.from_numpy(xs).to(torch.bfloat16)
         t0 = time.perf_counter()
@@ -130,20 +155,28 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="48 experts, fewer repeats (2-core box, < 40 s)")
     p.add_argument("--experts", type=int, help="physical experts (default 384, or 48 with --quick)")
+    p.add_argument("--format", choices=("fp8", "int4"), default="fp8", help="expert weight format (default fp8)")
     p.add_argument("--out", type=Path, default=RESULTS / "cpu_experts.jsonl")
     args = p.parse_args()
     t_start = time.perf_counter()
     n_experts = args.experts or (48 if args.quick else VIRTUAL_EXPERTS)
     rng = np.random.default_rng(0)
     warmup()
-    stack, bases = build(n_experts, rng)
-    err = validate(stack, rng)
-    tw = torch_weights(bases, n_experts)
+    if args.format == "int4":
+        moe = routed_moe_int4
+        stack, bases = build_int4(n_experts, rng)
+        err = validate(stack, rng, moe, reference_moe_int4)
+        tw = torch_weights_int4(bases, n_experts)
+    else:
+        moe = routed_moe
+        stack, bases = build(n_experts, rng)
+        err = validate(stack, rng)
+        tw = torch_weights(bases, n_experts)
     stream_bufs = [stack.gate, stack.up, stack.down]  # >= 2 GB: the experts' own memory
     info = machine()
     rows = []
     stream_before = read_bandwidth(stream_bufs)
-    dec_med, dec_best = bench_decode(stack, calls=(48 if args.quick else 192), rng=rng)
+    dec_med, dec_best = bench_decode(stack, calls=(48 if args.quick else 192), rng=rng, moe=moe)
     stream_after = read_bandwidth(stream_bufs)
     stream = max(stream_before, stream_after)
     rows.append({"case": "stream_read", "gbs": round(stream, 2), "bytes": sum(b.nbytes for b in stream_bufs)})
@@ -151,13 +184,14 @@ def main() -> None:
                  "ratio": round(dec_med / stream, 3), "expert_bytes": stack.expert_bytes(),
                  "cycle_bytes": stack.nbytes})  # fmt: skip
     for T in (16, 128, 512):
-        ours, theirs, secs = bench_prefill(stack, tw, T, rng)
+        ours, theirs, secs = bench_prefill(stack, tw, T, rng, moe)
         rows.append({"case": f"prefill_{T}", "gflops": round(ours, 1), "torch_bf16_gflops": round(theirs, 1),
                      "ratio_vs_torch": round(ours / theirs, 2), "seconds": round(secs, 3)})  # fmt: skip
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
     for row in rows:
-        append_result(args.out, {"time": stamp, "quick": args.quick, "experts": n_experts, **info, **row})
-    print(f"{info['cpu']} ({'AMX' if info['amx'] else 'no AMX'}), {info['threads']} threads; "
+        append_result(args.out, {"time": stamp, "quick": args.quick, "format": args.format, "experts": n_experts,
+                                 **info, **row})  # fmt: skip
+    print(f"{args.format} experts; {info['cpu']} ({'AMX' if info['amx'] else 'no AMX'}), {info['threads']} threads; "
           f"validation max relative error {err:.1e}")
     print(f"{'case':<14}{'result':>44}")
     for r in rows:
@@ -168,7 +202,9 @@ def main() -> None:
         else:
             desc = f"{r['gbs']:8.1f} GB/s"
         print(f"{r['case']:<14}{desc:>44}")
-    summary = {"stream_gbs": round(stream, 2), "decode_gbs": round(dec_med, 2), "decode_ratio": round(dec_med / stream, 3),
+    summary = {"format": args.format,
+               "stream_gbs": round(stream, 2), "decode_gbs": round(dec_med, 2),
+               "decode_ratio": round(dec_med / stream, 3),
                **{f"prefill_{T}_vs_torch": r["ratio_vs_torch"] for T, r in zip((16, 128, 512), rows[2:])},
                "seconds": round(time.perf_counter() - t_start, 1), "machine": info["cpu"], "threads": info["threads"]}
     print(json.dumps(summary))

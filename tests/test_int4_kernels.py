@@ -1,0 +1,154 @@
+"""Numba native-INT4 expert kernels (Kimi-K2-Thinking / K2.5 format) against a float64 reference at K2 shapes."""
+
+import numpy as np
+import pytest
+import torch
+
+from cpu_kernels.int4 import (Int4ExpertStack, dequantize_int4, pack_int4, reference_moe_int4, routed_moe_int4,
+                              unpack_int4)  # fmt: skip
+from cpu_kernels.int4_kernels import moe_decode_int4, moe_prefill_int4
+
+TOL = 1e-5  # max |out - ref| / max |ref|
+
+
+def make_stack(E: int, hidden: int, inter: int, seed: int) -> Int4ExpertStack:
+    """Random codes (every code -8..7, and a row starting with all 16) and bf16 scales, via the int32 format."""
+    rng = np.random.default_rng(seed)
+
+    def proj(rows, cols):
+        q = rng.integers(-8, 8, size=(E, rows, cols), dtype=np.int8)
+        q[:, 0, :16] = np.arange(-8, 8)
+        q[:, 1, :8] = -8  # an all -8 word: 0x00000000; and one of all 7 (0xFFFFFFFF, int32 -1)
+        q[:, 1, 8:16] = 7
+        scale = torch.from_numpy(np.exp(rng.standard_normal((E, rows, cols // 32))) * 0.02).bfloat16()
+        return pack_int4(q), scale
+
+    return Int4ExpertStack.from_packed(proj(inter, hidden), proj(inter, hidden), proj(hidden, inter))
+
+
+def route(T: int, E: int, k: int, seed: int):
+    rng = np.random.default_rng(seed)
+    ids = np.stack([rng.choice(E, k, replace=False) for _ in range(T)]).astype(np.int64)
+    return ids, rng.random((T, k)).astype(np.float32) * 2
+
+
+def relative_error(out, ref) -> float:
+    assert np.isfinite(out).all(), "kernel left unwritten (poisoned) outputs"
+    return float(np.abs(out - ref).max() / np.abs(ref).max())
+
+
+def test_pack_unpack_round_trip_every_code():
+    q = np.tile(np.arange(-8, 8, dtype=np.int8), (3, 4))  # [3, 64]: every code, in every nibble position
+    q[1] = np.roll(q[1], 5)
+    q[2, :8] = 7  # high nibble 0xF everywhere: the word is 0xFFFFFFFF = int32 -1
+    packed = pack_int4(q)
+    assert packed.dtype == np.int32 and packed.shape == (3, 8)
+    assert packed[2, 0] == -1 and (packed < 0).any()
+    assert np.array_equal(unpack_int4(packed), q)
+    # hand-packed words: element k in bits 4k (offset binary), lowest nibble first
+    assert pack_int4(np.array([[-8, -7, -6, -5, -4, -3, -2, -1]], np.int8))[0, 0] == 0x76543210
+    assert pack_int4(np.array([[0, 1, 2, 3, 4, 5, 6, 7]], np.int8)).view(np.uint32)[0, 0] == 0xFEDCBA98
+    words = np.array([[np.uint32(0x89ABCDEF).view(np.int32), 0x01234567]], np.int32)  # a negative int32 word
+    assert np.array_equal(unpack_int4(words)[0], [7, 6, 5, 4, 3, 2, 1, 0, -1, -2, -3, -4, -5, -6, -7, -8])
+    with pytest.raises(ValueError):
+        pack_int4(np.array([[8, 0, 0, 0, 0, 0, 0, 0]]))
+
+
+def test_dequantization_hand_computed():
+    q = np.zeros((2, 64), np.int8)
+    q[0, 0], q[0, 31], q[0, 32], q[1, 63] = -8, 7, 3, -1
+    scale = torch.tensor([[0.5, 0.375], [1.0, -2.5]], dtype=torch.bfloat16)  # exact bf16 values
+    w = dequantize_int4(pack_int4(q), scale)
+    assert w.dtype == np.float32 and w.shape == (2, 64)
+    expected = np.zeros((2, 64), np.float32)
+    expected[0, 0], expected[0, 31], expected[0, 32], expected[1, 63] = -4.0, 3.5, 1.125, 2.5
+    assert np.array_equal(w, expected)
+    # the stack's uint8 byte view: byte j = element 2j (low nibble) | element 2j+1 (high nibble)
+    stack = make_stack(1, 64, 32, seed=0)
+    b = stack.gate[0, 0]
+    assert b[0] == 0x10 and b[7] == 0xFE  # row 0 starts -8, -7, ..., 7: nibbles 0, 1, ..., 15
+
+
+@pytest.fixture(scope="module")
+def k2_stack():
+    stack = make_stack(E=5, hidden=7168, inter=2048, seed=0)
+    for nibbles in (stack.gate[0, :64] & 15, stack.down[4, :64] >> 4):
+        assert np.unique(nibbles).size == 16  # every nibble 0..15, i.e. every code -8..7, is in the weights
+    return stack
+
+
+@pytest.mark.parametrize("T", [1, 3, 83, 128])
+def test_routed_moe_int4_at_k2_shapes(k2_stack, T):
+    rng = np.random.default_rng(T)
+    k = int(rng.integers(2, 5))
+    ids, w = route(T, k2_stack.num_experts, k, seed=T)
+    x = rng.standard_normal((T, 7168)).astype(np.float32)
+    out = np.full_like(x, np.nan)
+    routed_moe_int4(x, ids, w, k2_stack, out)
+    assert relative_error(out, reference_moe_int4(x, ids, w, k2_stack)) <= TOL
+
+
+@pytest.mark.parametrize("kernel", [moe_decode_int4, moe_prefill_int4])
+def test_both_kernels_on_small_odd_shapes(kernel):
+    """Row counts that are not multiples of 8 (decode) or 4 (prefill tiles); 1..13 tokens through both kernels."""
+    stack = make_stack(E=6, hidden=224, inter=96, seed=2)
+    for T in (1, 2, 7, 13):
+        ids, w = route(T, 6, 3, seed=T)
+        x = np.random.default_rng(T).standard_normal((T, 224)).astype(np.float32)
+        out = np.full_like(x, np.nan)
+        kernel(x, ids, w, stack.gate, stack.gate_s, stack.up, stack.up_s, stack.down, stack.down_s, out)
+        assert relative_error(out, reference_moe_int4(x, ids, w, stack)) <= TOL
+
+
+@pytest.mark.parametrize("T", [1, 3, 40])
+def test_assignments_marked_minus_one_are_skipped(T):
+    stack = make_stack(E=8, hidden=256, inter=128, seed=4)
+    ids, weights = route(T, 8, 4, seed=T)
+    ids[np.random.default_rng(T).random(ids.shape) < 0.3] = -1
+    ids[0] = -1  # a token with nothing to do here gets zeros
+    x = np.random.default_rng(0).standard_normal((T, 256)).astype(np.float32)
+    out = np.full_like(x, np.nan)
+    routed_moe_int4(x, ids, weights, stack, out)
+    assert np.array_equal(out[0], np.zeros(256, np.float32))
+    if T > 1:
+        assert relative_error(out[1:], reference_moe_int4(x, ids, weights, stack)[1:]) <= TOL
+
+
+def test_stack_is_zero_copy_and_sized():
+    q = np.random.default_rng(0).integers(-8, 8, size=(2, 64, 256), dtype=np.int8)
+    packed, scale = pack_int4(q), torch.ones((2, 64, 8), dtype=torch.bfloat16)
+    qd = np.random.default_rng(1).integers(-8, 8, size=(2, 256, 64), dtype=np.int8)
+    down = (pack_int4(qd), torch.ones((2, 256, 2), dtype=torch.bfloat16))
+    stack = Int4ExpertStack.from_packed((packed, scale), (packed, scale), down)
+    assert np.shares_memory(stack.gate, packed) and stack.gate.shape == (2, 64, 128) and stack.gate.dtype == np.uint8
+    assert stack.gate_s.dtype == np.uint16 and stack.hidden == 256 and stack.num_experts == 2
+    assert stack.nbytes == 3 * (2 * 64 * 128 + 2 * 64 * 8 * 2) and stack.expert_bytes() == stack.nbytes // 2
+    assert np.array_equal(unpack_int4(stack.gate[1].copy().view(np.int32)), q[1])
+
+
+def test_input_checks_refuse_bad_arguments():
+    stack = make_stack(E=3, hidden=256, inter=128, seed=4)
+    x = np.zeros((2, 256), np.float32)
+    ids = np.zeros((2, 2), np.int64)
+    w = np.ones((2, 2), np.float32)
+    out = np.empty_like(x)
+    with pytest.raises(ValueError, match="x: expected"):
+        routed_moe_int4(x.astype(np.float64), ids, w, stack, out)
+    with pytest.raises(ValueError, match="x: expected"):
+        routed_moe_int4(np.zeros((2, 512), np.float32)[:, ::2], ids, w, stack, out)
+    with pytest.raises(ValueError, match="ids: expected"):
+        routed_moe_int4(x, ids.astype(np.int32), w, stack, out)
+    with pytest.raises(ValueError, match="out of range"):
+        routed_moe_int4(x, ids + 3, w, stack, out)
+    with pytest.raises(ValueError, match="out of range"):
+        routed_moe_int4(x, np.full_like(ids, -2), w, stack, out)
+    with pytest.raises(ValueError, match="weights: expected"):
+        routed_moe_int4(x, ids, w[:, :1], stack, out)
+    with pytest.raises(ValueError, match="gate_s: expected"):
+        Int4ExpertStack(stack.gate, stack.gate_s[:, :, :1].copy(), stack.up, stack.up_s, stack.down, stack.down_s)
+    with pytest.raises(ValueError, match="down: expected"):
+        Int4ExpertStack(stack.gate, stack.gate_s, stack.up, stack.up_s, stack.down.view(np.int8), stack.down_s)
+    with pytest.raises(ValueError, match="weight_scale"):
+        Int4ExpertStack.from_packed((np.zeros((1, 32, 32), np.int32), torch.ones((1, 32, 8))), None, None)
+    with pytest.raises(ValueError, match="weight_packed"):
+        Int4ExpertStack.from_packed((np.zeros((1, 32, 32), np.int64), torch.ones((1, 32, 8))), None, None)
