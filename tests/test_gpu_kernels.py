@@ -27,7 +27,7 @@ K2_SHAPES = {"q_a": (1536, 7168), "q_b": (24576, 1536), "kv_a": (576, 7168), "kv
              "o": (7168, 8192), "gate_up": (2048, 7168), "down": (7168, 2048)}  # fmt: skip
 # The interpreter costs ~1 ms per 64x128 weight tile: on CPU six shapes keep K2's input width (the K loop, the
 # split-K choice) with fewer output rows; kv_a (576 rows, split-K over 7168 columns) stays whole.
-INTERPRETER_ROWS = {"q_a": 768, "q_b": 2048, "kv_b": 4096, "o": 512, "gate_up": 512, "down": 1024}
+INTERPRETER_ROWS = {"q_a": 384, "q_b": 1024, "kv_b": 2048, "o": 256, "gate_up": 256, "down": 512}
 
 
 def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
