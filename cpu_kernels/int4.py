@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .int4_kernels import moe_decode_int4, moe_prefill_int4
-from .moe import DECODE_MAX_TOKENS, FIELDS, check_inputs
+from .moe import DECODE_MAX_TOKENS, FIELDS, check_inputs, reference_moe
 
 GROUP = 32
 
@@ -156,13 +156,5 @@ def _dequant64(q_bytes: np.ndarray, s_bits: np.ndarray) -> np.ndarray:
 
 
 def reference_moe_int4(x, ids, weights, stack: Int4ExpertStack) -> np.ndarray:
-    """The plain float64 reference: each used expert dequantized once and applied to all of its tokens."""
-    out = np.zeros(x.shape, np.float64)
-    x64 = x.astype(np.float64)
-    for e in np.unique(ids[ids >= 0]):
-        t, k = np.nonzero(ids == e)
-        g = x64[t] @ _dequant64(stack.gate[e], stack.gate_s[e]).T
-        u = x64[t] @ _dequant64(stack.up[e], stack.up_s[e]).T
-        y = (g / (1 + np.exp(-g)) * u) @ _dequant64(stack.down[e], stack.down_s[e]).T
-        np.add.at(out, t, weights[t, k][:, None] * y)
-    return out
+    """The plain float64 reference (moe.reference_moe with the INT4 dequantizer)."""
+    return reference_moe(x, ids, weights, stack, _dequant64)

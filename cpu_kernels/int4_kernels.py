@@ -28,6 +28,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from .decode import _silu
+from .prefill import group_by_expert
 
 CHUNK = 64  # rows per work item
 GROUP = 32  # elements per scale group (16 bytes)
@@ -312,33 +313,11 @@ def moe_prefill_int4(x, ids, weights, gate, gate_s, up, up_s, down, down_s, out)
     K = ids.shape[1]
     E, inter = gate.shape[0], gate.shape[1]
     P = T * K
-    start = np.zeros(E + 1, np.int64)  # counting sort: slots start[e] .. start[e + 1] belong to expert e
-    for p in range(P):
-        e = ids[p // K, p % K]
-        if e >= 0:
-            start[e + 1] += 1
-    for e in range(E):
-        start[e + 1] += start[e]
-    fill = start[:E].copy()
-    slot = np.full(P, -1, np.int64)
-    for p in range(P):
-        e = ids[p // K, p % K]
-        if e >= 0:
-            slot[p] = fill[e]
-            fill[e] += 1
+    start, slot, active = group_by_expert(ids, E)  # slots start[e] .. start[e + 1] belong to expert e
     xg = np.empty((max(1, start[E]), H), np.float32)  # split layout
     for p in prange(P):
         if slot[p] >= 0:
             split(x[p // K], xg[slot[p]])
-    n_active = 0
-    for e in range(E):
-        n_active += start[e + 1] > start[e]
-    active = np.empty(n_active, np.int64)
-    i = 0
-    for e in range(E):
-        if start[e + 1] > start[e]:
-            active[i] = e
-            i += 1
     n_in, n_out = (inter + CHUNK - 1) // CHUNK, (H + CHUNK - 1) // CHUNK
     h = np.empty((max(1, start[E]), inter), np.float32)  # split layout
     for item in prange(active.shape[0] * n_in):

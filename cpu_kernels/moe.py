@@ -104,15 +104,17 @@ def _e4m3_table() -> np.ndarray:
 _E4M3_TABLE = _e4m3_table()
 
 
-def reference_moe(x, ids, weights, stack: ExpertStack) -> np.ndarray:
-    """The plain float64 reference: each used expert dequantized once and applied to all of its tokens."""
+def reference_moe(x, ids, weights, stack, dequantize=None) -> np.ndarray:
+    """The plain float64 reference: each used expert dequantized once and applied to all of its tokens.
+    dequantize(codes, scales) -> float64 weights: the stack's format (default: fp8 with 128x128 blocks)."""
+    dequantize = dequantize or dequantize_np
     out = np.zeros(x.shape, np.float64)
     x64 = x.astype(np.float64)
     for e in np.unique(ids[ids >= 0]):
         t, k = np.nonzero(ids == e)
-        g = x64[t] @ dequantize_np(stack.gate[e], stack.gate_s[e]).T
-        u = x64[t] @ dequantize_np(stack.up[e], stack.up_s[e]).T
-        y = (g / (1 + np.exp(-g)) * u) @ dequantize_np(stack.down[e], stack.down_s[e]).T
+        g = x64[t] @ dequantize(stack.gate[e], stack.gate_s[e]).T
+        u = x64[t] @ dequantize(stack.up[e], stack.up_s[e]).T
+        y = (g / (1 + np.exp(-g)) * u) @ dequantize(stack.down[e], stack.down_s[e]).T
         np.add.at(out, t, weights[t, k][:, None] * y)
     return out
 

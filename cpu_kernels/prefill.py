@@ -93,32 +93,26 @@ def _grouped_rows(W, S, r0, r1, X, x0, n, out, XS):
             r += 1
 
 
-@njit(parallel=True, fastmath=True, nogil=True, cache=True)
-def moe_prefill(x, ids, weights, gate, gate_s, up, up_s, down, down_s, out):
-    """Same result as moe_decode, organised for many tokens per expert; out is overwritten."""
-    T, H = x.shape
-    K = ids.shape[1]
-    E, inter = gate.shape[0], gate.shape[1]
+@njit(nogil=True, cache=True)
+def group_by_expert(ids, E):
+    """Counting sort of the (token, k) assignments by expert: slots start[e] .. start[e + 1] belong to expert e,
+    slot[p] is assignment p's slot (-1 for id -1, an assignment computed elsewhere), active lists the used experts."""
+    T, K = ids.shape
     P = T * K
-    # group the assignments by expert (counting sort): slots start[e] .. start[e + 1] belong to expert e
     start = np.zeros(E + 1, np.int64)
     for p in range(P):
         e = ids[p // K, p % K]
-        if e >= 0:  # -1: an assignment computed elsewhere
+        if e >= 0:
             start[e + 1] += 1
     for e in range(E):
         start[e + 1] += start[e]
     fill = start[:E].copy()
-    slot = np.full(P, -1, np.int64)  # assignment p -> its slot
+    slot = np.full(P, -1, np.int64)
     for p in range(P):
         e = ids[p // K, p % K]
         if e >= 0:
             slot[p] = fill[e]
             fill[e] += 1
-    xg = np.empty((max(1, start[E]), H), np.float32)
-    for p in prange(P):
-        if slot[p] >= 0:
-            xg[slot[p]] = x[p // K]
     n_active = 0
     for e in range(E):
         n_active += start[e + 1] > start[e]
@@ -128,6 +122,21 @@ def moe_prefill(x, ids, weights, gate, gate_s, up, up_s, down, down_s, out):
         if start[e + 1] > start[e]:
             active[i] = e
             i += 1
+    return start, slot, active
+
+
+@njit(parallel=True, fastmath=True, nogil=True, cache=True)
+def moe_prefill(x, ids, weights, gate, gate_s, up, up_s, down, down_s, out):
+    """Same result as moe_decode, organised for many tokens per expert; out is overwritten."""
+    T, H = x.shape
+    K = ids.shape[1]
+    E, inter = gate.shape[0], gate.shape[1]
+    P = T * K
+    start, slot, active = group_by_expert(ids, E)
+    xg = np.empty((max(1, start[E]), H), np.float32)
+    for p in prange(P):
+        if slot[p] >= 0:
+            xg[slot[p]] = x[p // K]
     n_in, n_out = (inter + TASK_ROWS - 1) // TASK_ROWS, (H + TASK_ROWS - 1) // TASK_ROWS
     h = np.empty((max(1, start[E]), inter), np.float32)
     for item in prange(active.shape[0] * n_in):
