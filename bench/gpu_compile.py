@@ -109,6 +109,7 @@ def main() -> None:
     p.add_argument("--archs", type=int, nargs="*", default=[80, 86, 89, 90])
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "gpu_compile.jsonl")
     args = p.parse_args()
+    import triton
     from common import append_result, machine
 
     info, stamp = machine(), time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -119,8 +120,9 @@ def main() -> None:
         for arch in targets(bound, args.archs):
             r = compile_for(fn, bound, options, arch)
             print(f"{name:<22}{path:<15}{r['arch']:<7}{r['registers']:>6}{r['stack_bytes']:>9}{r['compile_s']:>11}")
-            append_result(args.out, {"time": stamp, "commit": info["commit"], "kernel": name, "path": path,
-                                     **options, **r})  # fmt: skip
+            append_result(args.out, {"time": stamp, "commit": info["commit"], "cpu": info["cpu"], "host": info["host"],
+                                     "triton": triton.__version__, "kernel": name, "path": path, **options,
+                                     **r})  # fmt: skip
 
 
 if __name__ == "__main__":
