@@ -33,7 +33,9 @@ HW_FP8_ARCH = 89  # sm_89+ converts e4m3 in hardware; older targets get the bit 
 
 def record_launches() -> list[tuple[str, object, dict, dict]]:
     """(kernel name, python function, arguments by name, launch options) of every distinct launch the runtime makes
-    for a decode-sized fp8 linear (both fp8 paths, split-K on and off) and an MLA decode (several splits)."""
+    for a decode-sized fp8 linear (both fp8 paths, split-K on and off), a bf16 linear (split-K on and off, a ragged K
+    tile), an MLA decode with an fp8 and with a bf16 kv_b (several splits) and an INT4 linear (decode and prefill
+    tiles, split-K on and off, a ragged K tile)."""
     from triton.runtime.interpreter import InterpretedFunction
 
     from hybrid import gpu_kernels as gk
@@ -60,6 +62,17 @@ def record_launches() -> list[tuple[str, object, dict, dict]]:
                           quantize(torch.randn(64, 1000)).scale, hw_fp8=hw, split_k=1)  # ragged K, no split
             gk.mla_decode(torch.randn(4, 128), torch.randn(4, 64), kv.q, kv.scale, c, pe, 600, 0.1, 128, 256,
                           hw_fp8=hw)  # fmt: skip
+        wb = torch.randn(576, 1024, generator=g).bfloat16()
+        gk.bf16_linear(torch.randn(3, 1024, generator=g), wb)  # split-K
+        gk.bf16_linear(torch.randn(3, 1000, generator=g), wb[:64, :1000].contiguous(), split_k=1)  # ragged K
+        kv_bf16 = torch.randn(4 * 256, 512, generator=g).bfloat16()
+        gk.mla_decode(torch.randn(4, 128), torch.randn(4, 64), kv_bf16, None, c, pe, 600, 0.1, 128, 256)
+        packed = torch.randint(-2**31, 2**31, (192, 1024 // 8), generator=g, dtype=torch.int64).to(torch.int32)
+        scale = torch.rand(192, 1024 // gk.INT4_GROUP, generator=g).bfloat16()
+        for m in (3, 40):  # decode and prefill tiles, split-K
+            gk.int4_linear(torch.randn(m, 1024, generator=g), packed, scale)
+        # 992 columns: a ragged last decode K tile (prefill's 32-column tiles never are), no split
+        gk.int4_linear(torch.randn(3, 992, generator=g), packed[:, :124].contiguous(), scale[:, :31], split_k=1)
     finally:
         InterpretedFunction.run = run
     return list(seen.values())
@@ -94,12 +107,23 @@ def compile_for(fn, bound: dict, options: dict, arch: int) -> dict:
         usage = subprocess.run([str(cuobjdump), "-res-usage", f.name], capture_output=True, text=True).stdout
     found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     regs, stack = (int(found[1]), int(found[2])) if found else (None, None)
-    return {"arch": f"sm_{arch}", "registers": regs, "stack_bytes": stack, "compile_s": round(seconds, 2)}
+    return {"arch": f"sm_{arch}", "registers": regs, "stack_bytes": stack, "shared_bytes": kernel.metadata.shared,
+            "compile_s": round(seconds, 2)}  # fmt: skip
+
+
+def path_of(name: str, bound: dict) -> str:
+    """The code path a launch compiles: the weight's conversion (hw fp8, bits, bf16; "-" for none), INT4's tiling,
+    and whether the last K (or R) tile is ragged."""
+    path = "bf16" if bound.get("BF16") else {None: "-", True: "hw fp8", False: "bits"}[bound.get("HW_FP8")]
+    path += "" if bound.get("EVEN_K", bound.get("EVEN_R", True)) else " ragged"
+    if name == "int4_linear_kernel":  # no fp8; two tilings: decode (M <= 16) and prefill
+        path = f"{bound['BLOCK_M']}x{bound['BLOCK_N']}x{bound['BLOCK_K']}" + path[1:]
+    return path
 
 
 def targets(bound: dict, archs: list[int]) -> list[int]:
-    """The archs a launch is for: the hardware fp8 path only where the chip has the conversion."""
-    if "HW_FP8" not in bound:
+    """The archs a launch is for: the hardware fp8 path only where the chip has the conversion; bf16 weights on all."""
+    if "HW_FP8" not in bound or bound.get("BF16"):
         return archs
     return [a for a in archs if (a >= HW_FP8_ARCH) == bool(bound["HW_FP8"])]
 
@@ -113,13 +137,13 @@ def main() -> None:
     from common import append_result, machine
 
     info, stamp = machine(), time.strftime("%Y-%m-%dT%H:%M:%S")
-    print(f"{'kernel':<22}{'path':<15}{'arch':<7}{'regs':>6}{'stack B':>9}{'compile s':>11}")
+    print(f"{'kernel':<22}{'path':<17}{'arch':<7}{'regs':>6}{'stack B':>9}{'shared B':>10}{'compile s':>11}")
     for name, fn, bound, options in record_launches():
-        path = {None: "-", True: "hw fp8", False: "bits"}[bound.get("HW_FP8")]
-        path += "" if bound.get("EVEN_K", bound.get("EVEN_R", True)) else " ragged"
+        path = path_of(name, bound)
         for arch in targets(bound, args.archs):
             r = compile_for(fn, bound, options, arch)
-            print(f"{name:<22}{path:<15}{r['arch']:<7}{r['registers']:>6}{r['stack_bytes']:>9}{r['compile_s']:>11}")
+            print(f"{name:<22}{path:<17}{r['arch']:<7}{r['registers']:>6}{r['stack_bytes']:>9}{r['shared_bytes']:>10}"
+                  f"{r['compile_s']:>11}")  # fmt: skip
             append_result(args.out, {"time": stamp, "commit": info["commit"], "cpu": info["cpu"], "host": info["host"],
                                      "triton": triton.__version__, "kernel": name, "path": path, **options,
                                      **r})  # fmt: skip

@@ -115,6 +115,23 @@ def routed_moe_int4(x, ids, weights, stack: Int4ExpertStack, out) -> np.ndarray:
     return out
 
 
+def warmup_int4(hidden: int = 64, inter: int = 32) -> None:
+    """Compile (or load from Numba's disk cache) the decode and prefill INT4 kernels once."""
+    rng = np.random.default_rng(0)
+    E = 2
+
+    def part(rows, cols):
+        return (rng.integers(0, 256, (E, rows, cols // 2), dtype=np.uint8),
+                np.full((E, rows, cols // GROUP), 0x3F80, np.uint16))  # bf16 1.0  # fmt: skip
+
+    (g, gs), (u, us), (d, ds) = part(inter, hidden), part(inter, hidden), part(hidden, inter)
+    stack = Int4ExpertStack(g, gs, u, us, d, ds)
+    for T in (1, DECODE_MAX_TOKENS + 1):
+        x = rng.standard_normal((T, hidden)).astype(np.float32)
+        ids = np.tile(np.arange(E, dtype=np.int64), (T, 1))
+        routed_moe_int4(x, ids, np.ones((T, E), np.float32), stack, np.empty_like(x))
+
+
 # ---- plain references (numpy), for tests and validation --------------------------------------------------
 
 

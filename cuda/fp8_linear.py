@@ -1,4 +1,5 @@
-"""Block-fp8 e4m3 products for decode, read straight from fp8 codes (no dequantized copy), fp32 accumulation.
+"""Block-fp8 e4m3 (or plain bf16) products for decode, read straight from the stored weights (no dequantized or fp32
+copy), fp32 accumulation.
 
 W[r, k] = fp8(q[r, k]) * scale[r // 128, k // 128]. Groups: group g uses its own activation rows and the weight rows
 g * row_stride + row_offset + i, so one kernel serves a plain linear (one group) and MLA's per-head absorptions.
@@ -7,6 +8,9 @@ pattern, ((b & 0x80) << 8) | ((b & 0x7F) << 7), which is exact for all 254 finit
 subnormals) and worth value * 2^-8 (fp16's exponent bias 15 vs e4m3's 7): SCALE_MUL = 2^8 puts it back.
 No nested @triton.jit calls (tl.zeros, tl.sum, helpers): the interpreter re-patches triton.language on each one
 (~1 ms), and cannot call them at all when triton was imported before TRITON_INTERPRET was set.
+BF16 (the K2-Thinking / K2.5 non-expert linears, KIMI_K2.md 8.4): the weight is plain bf16 [N, K], no block scale
+(s_ptr is never read). bf16 -> fp32 is exact and so is fp32 -> tf32 of a bf16 value (8 significant bits of tf32's
+11): tf32x3 keeps fp32 accuracy as for fp8. The K tile is free then (no scale column to follow).
 Loaded by hybrid/gpu_kernels.py (this folder is not a package); launchers, checks and references live there.
 """
 
@@ -17,10 +21,10 @@ import triton.language as tl
 @triton.jit
 def fp8_linear_kernel(x_ptr, q_ptr, s_ptr, y_ptr, M, N, K, n_blocks, k_tiles, tiles_per_split, stride_xg,
                       stride_xm, row_stride, row_offset, s_cols, stride_ys, stride_yg, stride_ym,
-                      SCALE_MUL: tl.constexpr, HW_FP8: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+                      SCALE_MUL: tl.constexpr, HW_FP8: tl.constexpr, BF16: tl.constexpr, EVEN_K: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """y[split, g, m, n] = sum over this split's K tiles of x[g, m, k] * W[g * row_stride + row_offset + n, k]."""
-    tl.static_assert(BLOCK_K == 128)  # one scale column per K tile
+    tl.static_assert(BF16 or BLOCK_K == 128)  # fp8: one scale column per K tile
     # int64 index math: no 2^31 limits, and the interpreter skips its int32 overflow checks
     pid_n, split = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     g = pid_n // n_blocks
@@ -44,16 +48,19 @@ def fp8_linear_kernel(x_ptr, q_ptr, s_ptr, y_ptr, M, N, K, n_blocks, k_tiles, ti
             x = tl.load(x_ptrs, mask=(offs_k < K)[None, :], other=0.0)
             codes = tl.load(w_ptrs, mask=(offs_k < K)[None, :], other=0.0)
             offs_k += BLOCK_K
-        if HW_FP8:  # sm_89+: cvt instructions for e4m3
-            w = codes.to(tl.float32)
-        else:  # sm_80/86: see the module docstring
-            b = codes.to(tl.uint16)
-            w = (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.float16, bitcast=True).to(tl.float32)
         # the weights are exact in tf32, x is not: tf32x3 keeps fp32 accuracy (plain tf32 loses ~1e-3)
-        acc += tl.dot(x, tl.trans(w), input_precision="tf32x3") * tl.load(s_ptrs)[None, :]
+        if BF16:  # plain bf16, no scale: widened exactly
+            acc = tl.dot(x, tl.trans(codes.to(tl.float32)), acc, input_precision="tf32x3")
+        else:
+            if HW_FP8:  # sm_89+: cvt instructions for e4m3
+                w = codes.to(tl.float32)
+            else:  # sm_80/86: see the module docstring
+                b = codes.to(tl.uint16)
+                w = (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.float16, bitcast=True).to(tl.float32)
+            acc += tl.dot(x, tl.trans(w), input_precision="tf32x3") * tl.load(s_ptrs)[None, :]
+            s_ptrs += 1
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-        s_ptrs += 1
     acc *= SCALE_MUL  # the bit path's 2^8, exact (a power of two) and out of the loop
     y = y_ptr + split * stride_ys + g * stride_yg + offs_m[:, None] * stride_ym + offs_n[None, :]
     tl.store(y, acc, mask=mask_m[:, None] & mask_n[None, :])
@@ -61,10 +68,10 @@ def fp8_linear_kernel(x_ptr, q_ptr, s_ptr, y_ptr, M, N, K, n_blocks, k_tiles, ti
 
 @triton.jit
 def fp8_linear_t_kernel(x_ptr, q_ptr, s_ptr, y_ptr, R, K, stride_xg, row_stride, row_offset, s_cols,
-                        SCALE_MUL: tl.constexpr, HW_FP8: tl.constexpr, EVEN_R: tl.constexpr,
+                        SCALE_MUL: tl.constexpr, HW_FP8: tl.constexpr, BF16: tl.constexpr, EVEN_R: tl.constexpr,
                         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """y[g, k] = sum_r x[g, r] * W[g * row_stride + row_offset + r, k]: a contraction over the weight's rows."""
-    tl.static_assert(128 % BLOCK_K == 0)  # a column tile lies in one scale column
+    tl.static_assert(BF16 or 128 % BLOCK_K == 0)  # fp8: a column tile lies in one scale column
     g, pid_k = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     offs_k, offs_r = pid_k * BLOCK_K + tl.arange(0, BLOCK_K), tl.arange(0, BLOCK_R).to(tl.int64)
     rows = g * row_stride + row_offset + offs_r
@@ -75,14 +82,17 @@ def fp8_linear_t_kernel(x_ptr, q_ptr, s_ptr, y_ptr, R, K, stride_xg, row_stride,
     acc = tl.full((BLOCK_R, BLOCK_K), 0.0, tl.float32)  # reduced over rows once, after the loop
     for _ in range(0, R, BLOCK_R):
         if EVEN_R:  # no masks in the loop
-            x = tl.load(x_ptrs) * tl.load(s_col + (rows // 128) * s_cols)
+            x = tl.load(x_ptrs)
+            if not BF16:
+                x *= tl.load(s_col + (rows // 128) * s_cols)
             codes = tl.load(w_ptrs)
         else:
             mask_r = rows < g * row_stride + row_offset + R
             x = tl.load(x_ptrs, mask=mask_r, other=0.0)
-            x *= tl.load(s_col + (rows // 128) * s_cols, mask=mask_r, other=0.0)
+            if not BF16:
+                x *= tl.load(s_col + (rows // 128) * s_cols, mask=mask_r, other=0.0)
             codes = tl.load(w_ptrs, mask=mask_r[:, None], other=0.0)
-        if HW_FP8:
+        if BF16 or HW_FP8:  # bf16 widens exactly; sm_89+ converts e4m3 with cvt instructions
             w = codes.to(tl.float32)
         else:
             b = codes.to(tl.uint16)

@@ -12,7 +12,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from .tokenizer import NAMED_SPECIALS
+from .tokenizer import NAMED_SPECIALS, THINK_SPECIALS
 
 CORPUS = """\
 The quick brown fox jumps over the lazy dog. A model reads tokens and writes tokens, one at a time.
@@ -72,15 +72,16 @@ def _merge(word: tuple, a: bytes, b: bytes, merged: bytes) -> tuple:
     return tuple(out)
 
 
-def write_tokenizer(directory: Path, num_base: int, text: str = CORPUS) -> None:
-    """Write tiktoken.model (`<base64> <rank>` per line) and tokenizer_config.json with K2's special names."""
+def write_tokenizer(directory: Path, num_base: int, text: str = CORPUS, thinking: bool = False) -> None:
+    """Write tiktoken.model (`<base64> <rank>` per line) and tokenizer_config.json with K2's special names (and, for
+    a thinking model, `<think>` / `</think>`)."""
     tokens = train_bpe(text, num_base)
     lines = [f"{base64.b64encode(tok).decode()} {rank}\n" for rank, tok in enumerate(tokens)]
     (directory / "tiktoken.model").write_text("".join(lines))
     decoder = {
         str(num_base + off): {"content": name, "lstrip": False, "normalized": False, "rstrip": False,
                               "single_word": False, "special": special}
-        for off, (name, special) in sorted(NAMED_SPECIALS.items())
+        for off, (name, special) in sorted({**NAMED_SPECIALS, **(THINK_SPECIALS if thinking else {})}.items())
     }  # fmt: skip
     named = {off: name for off, (name, _) in NAMED_SPECIALS.items()}
     config = {

@@ -1,4 +1,5 @@
-"""Kimi-K2's chat format: prompt rendering (the checkpoint's own template, else a built-in twin) and tool calls.
+"""Kimi-K2's chat format: prompt rendering (the checkpoint's own template, else a built-in twin), tool calls and
+the reasoning of thinking models (K2-Thinking, K2.5+: `<think>...</think>` before the answer or the tool calls).
 
 Facts in shared/KIMI_K2.md section 4: no BOS, no newlines between turns, a tool_declare turn with compact
 key-sorted JSON before the default system turn, `## Return of {id}` tool turns, and tool calls emitted as
@@ -56,6 +57,65 @@ CHAT_TEMPLATE = """\
 {%- endfor -%}
 {%- if add_generation_prompt -%}<|im_assistant|>assistant<|im_middle|>{%- endif -%}
 """
+
+# The template for thinking models: CHAT_TEMPLATE plus think blocks the way K2.5's chat_template.jinja places them
+# (as its public copies show; shared/KIMI_K2.md 8.6), written here, not copied. Assistant turns up to the last one
+# that answered (no tool calls) keep only their content, behind an empty `<think></think>`; the later ones (the
+# tool-call steps of the turn in progress) keep their `reasoning_content`, unless thinking is off. The generation
+# prompt opens the think block (the output starts inside it); `thinking=false` closes it empty instead, so the model
+# answers directly. Tools stay JSON as in K2's template (K2.5 declares them TypeScript-style).
+THINKING_CHAT_TEMPLATE = """\
+{%- macro render_content(msg) -%}
+{%- set c = msg.get('content') -%}
+{%- if c is string -%}{{ c }}
+{%- elif c is iterable and c is not mapping -%}
+{%- for part in c -%}
+{%- if part.get('type') == 'text' -%}{{ part.get('text', '') }}
+{%- elif part.get('type') in ('image', 'image_url') -%}<|media_start|>image<|media_content|><|media_pad|><|media_end|>
+{%- endif -%}
+{%- endfor -%}
+{%- endif -%}
+{%- endmacro -%}
+{%- set thinking_off = thinking is defined and thinking is false -%}
+{%- set ns = namespace(last_answer=-1) -%}
+{%- for message in messages -%}
+{%- if message['role'] == 'assistant' and not message.get('tool_calls') -%}
+{%- set ns.last_answer = loop.index0 -%}
+{%- endif -%}
+{%- endfor -%}
+{%- if tools -%}<|im_system|>tool_declare<|im_middle|>{{ tools | tojson(separators=(',', ':')) }}<|im_end|>{%- endif -%}
+{%- for message in messages -%}
+{%- if loop.first and message['role'] != 'system' -%}
+<|im_system|>system<|im_middle|>You are Kimi, an AI assistant created by Moonshot AI.<|im_end|>
+{%- endif -%}
+{%- set role_name = message.get('name') or message['role'] -%}
+{%- if message['role'] == 'user' -%}<|im_user|>{{ role_name }}<|im_middle|>
+{%- elif message['role'] == 'assistant' -%}<|im_assistant|>{{ role_name }}<|im_middle|>
+{%- if loop.index0 > ns.last_answer and not thinking_off -%}<think>{{ message.get('reasoning_content') or '' }}</think>
+{%- else -%}<think></think>
+{%- endif -%}
+{%- else -%}<|im_system|>{{ role_name }}<|im_middle|>
+{%- endif -%}
+{%- if message['role'] == 'assistant' and message.get('tool_calls') -%}
+{{- render_content(message) -}}<|tool_calls_section_begin|>
+{%- for tool_call in message['tool_calls'] -%}
+{%- set arguments = tool_call['function']['arguments'] -%}
+<|tool_call_begin|>{{ tool_call['id'] }}<|tool_call_argument_begin|>
+{%- if arguments is string -%}{{ arguments }}{%- else -%}{{ arguments | tojson }}{%- endif -%}
+<|tool_call_end|>
+{%- endfor -%}
+<|tool_calls_section_end|>
+{%- elif message['role'] == 'tool' -%}## Return of {{ message.get('tool_call_id') }}
+{{ render_content(message) }}
+{%- else -%}{{ render_content(message) }}
+{%- endif -%}<|im_end|>
+{%- endfor -%}
+{%- if add_generation_prompt -%}<|im_assistant|>assistant<|im_middle|>
+{%- if thinking_off -%}<think></think>{%- else -%}<think>{%- endif -%}
+{%- endif -%}
+"""
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+SECTION_BEGIN = "<|tool_calls_section_begin|>"
 
 
 class ChatFormatError(ValueError):
@@ -118,8 +178,9 @@ def render_builtin(messages: list[dict], tools: list[dict] | None = None, add_ge
 
 
 def render_template(template: str, messages: list[dict], tools: list[dict] | None = None,
-                    add_generation_prompt: bool = True) -> str:  # fmt: skip
-    """Render a checkpoint's own Jinja chat template the way transformers does (sandboxed, its `tojson`)."""
+                    add_generation_prompt: bool = True, **variables) -> str:  # fmt: skip
+    """Render a checkpoint's own Jinja chat template the way transformers does (sandboxed, its `tojson`);
+    `variables` are extra template variables (vLLM's chat_template_kwargs, e.g. thinking=False)."""
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -130,7 +191,8 @@ def render_template(template: str, messages: list[dict], tools: list[dict] | Non
 
     env.filters["tojson"] = tojson
     tools = deep_sort(tools) if tools else None
-    return env.from_string(template).render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt)
+    return env.from_string(template).render(**variables, messages=messages, tools=tools,
+                                            add_generation_prompt=add_generation_prompt)
 
 
 def load_template(directory: str | Path) -> str | None:
@@ -144,6 +206,11 @@ def load_template(directory: str | Path) -> str | None:
         if isinstance(template, str):
             return template
     return None
+
+
+def has_thinking_switch(template: str | None) -> bool:
+    """Whether a chat template reads a `thinking` variable (K2.5+ templates; K2-Thinking's has none)."""
+    return template is not None and re.search(r"\{[{%](?:(?![%}]\}).)*\bthinking\b", template, re.DOTALL) is not None
 
 
 @dataclass(frozen=True)
@@ -181,3 +248,75 @@ def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
     if not calls or leftover:
         return text, []
     return text[:start], calls
+
+
+def split_reasoning(text: str, in_think: bool = False) -> tuple[str, str]:
+    """(reasoning, content) of a thinking model's output; tool calls stay in content for parse_tool_calls.
+
+    A think block counts only at the start of the output (after whitespace), or from the first character when the
+    prompt already opened it (`in_think`). Without `</think>` (cut by max_tokens) everything is reasoning; a
+    tool-call section inside the block ends the reasoning there. Whitespace between `</think>` and the answer goes.
+    """
+    if not in_think:
+        body = text.lstrip()
+        if not body.startswith(THINK_OPEN):
+            return "", text
+        text = body[len(THINK_OPEN) :]
+    end, section = text.find(THINK_CLOSE), text.find(SECTION_BEGIN)
+    if section >= 0 and (end < 0 or section < end):
+        return text[:section], text[section:]
+    if end < 0:
+        return text, ""
+    return text[:end], text[end + len(THINK_CLOSE) :].lstrip()
+
+
+def _partial_tag(text: str) -> int:
+    """Length of the longest end of `text` that could still grow into a tag ending the reasoning."""
+    return max((k for tag in (THINK_CLOSE, SECTION_BEGIN) for k in range(1, len(tag)) if text.endswith(tag[:k])),
+               default=0)  # fmt: skip
+
+
+class ReasoningSplitter:
+    """split_reasoning for text arriving in pieces: feed() returns (reasoning, content) deltas whose concatenation
+    equals split_reasoning of the whole text, however it was cut. Text that may be part of a tag is held back."""
+
+    def __init__(self, in_think: bool = False):
+        self.state = "reasoning" if in_think else "start"  # -> "reasoning" -> "after" (</think> seen) -> "content"
+        self.held = ""
+
+    def feed(self, text: str) -> tuple[str, str]:
+        self.held += text
+        reasoning = content = ""
+        if self.state == "start":
+            body = self.held.lstrip()
+            if body.startswith(THINK_OPEN):
+                self.state, self.held = "reasoning", body[len(THINK_OPEN) :]
+            elif not THINK_OPEN.startswith(body):  # cannot become a think block: no reasoning at all
+                self.state = "content"
+        if self.state == "reasoning":
+            ends = [(i, tag) for tag in (THINK_CLOSE, SECTION_BEGIN) if (i := self.held.find(tag)) >= 0]
+            if ends:
+                i, tag = min(ends)
+                reasoning = self.held[:i]
+                if tag == THINK_CLOSE:
+                    self.state, self.held = "after", self.held[i + len(tag) :]
+                else:  # the tool-call section stays in the content, for parse_tool_calls
+                    self.state, self.held = "content", self.held[i:]
+            else:
+                keep = len(self.held) - _partial_tag(self.held)
+                reasoning, self.held = self.held[:keep], self.held[keep:]
+        if self.state == "after":
+            self.held = self.held.lstrip()
+            if self.held:
+                self.state = "content"
+        if self.state == "content":
+            content, self.held = self.held, ""
+        return reasoning, content
+
+    def finish(self) -> tuple[str, str]:
+        """The held-back text, at the end of the output or where a tool-call section starts (then on: content)."""
+        held, state = self.held, self.state
+        self.state, self.held = "content", ""
+        if state == "reasoning":
+            return held, ""
+        return "", "" if state == "after" else held

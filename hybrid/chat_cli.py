@@ -1,4 +1,5 @@
-"""`hybrid chat`: a terminal chat on one engine, streamed, with /commands and tokens/s after each answer."""
+"""`hybrid chat`: a terminal chat on one engine, streamed, with /commands and tokens/s after each answer.
+A thinking model's reasoning is shown dimmed (on a terminal) before its answer."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import time
 from .conversation import ChatSession, ContextLengthError
 
 HELP = """commands: /reset (forget the conversation), /system TEXT (set the system prompt and reset),
-/stats (context and speed), /exit. End a line with \\ to continue it, or put \"\"\" alone on a line to start and end
-a multi-line message. Ctrl-C stops an answer; Ctrl-D or /exit leaves."""
+/think on|off (thinking models whose chat template has the switch), /stats (context and speed), /exit.
+End a line with \\ to continue it, or put \"\"\" alone on a line to start and end a multi-line message.
+Ctrl-C stops an answer; Ctrl-D or /exit leaves."""
+DIM, RESET = "\x1b[2m", "\x1b[0m"
 
 
 class ChatLoop:
@@ -18,6 +21,8 @@ class ChatLoop:
         self.session, self.out, self.tools = session, out, tools
         self.max_tokens, self.temperature, self.top_p = max_tokens, temperature, top_p
         self.system: str | None = None
+        self.thinking: bool | None = None  # None: the chat template's default
+        self.color = out.isatty()
         self.messages: list[dict] = []
         self.last: dict = {}
 
@@ -58,8 +63,16 @@ class ChatLoop:
         elif name == "/system":
             self.system, self.messages = arg.strip() or None, []
             self.print(f"[system prompt {'set' if self.system else 'cleared'}; conversation cleared]")
+        elif name == "/think":
+            if not self.session.thinking_switch:
+                self.print("[this model's chat template has no thinking switch]")
+            elif arg.strip() in ("on", "off"):
+                self.thinking = arg.strip() == "on"
+                self.print(f"[thinking {arg.strip()}]")
+            else:
+                self.print("[usage: /think on|off]")
         elif name == "/stats":
-            prompt = len(self.session.prompt_ids(self.history(), self.tools))
+            prompt = len(self.session.prompt_ids(self.history(), self.tools, self.thinking))
             self.print(f"[{len(self.messages)} messages, {prompt} prompt tokens of {self.session.max_context}; "
                        f"last answer: {self.last or 'none'}]")  # fmt: skip
             if self.session.engine.tier_report():
@@ -75,22 +88,27 @@ class ChatLoop:
     def answer(self, text: str) -> None:
         self.messages.append({"role": "user", "content": text})
         try:
-            ids = self.session.check_context(self.history(), self.tools, self.max_tokens)
+            ids = self.session.check_context(self.history(), self.tools, self.max_tokens, self.thinking)
         except ContextLengthError as e:  # the chat goes on: the message is dropped, the user told why
             self.messages.pop()
             self.print(f"[{e}; /reset to start over]")
             return
-        parts, calls, finish, usage = [], [], "stopped", {}
+        parts, reasoning, calls, finish, usage = [], [], [], "stopped", {}
         t0 = time.perf_counter()
         stream = self.session.stream(ids, max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p)
         try:
             for ev in stream:
-                if ev.kind == "content":
+                if ev.kind == "reasoning":
+                    reasoning.append(ev.text)
+                    self.print(f"{DIM}{ev.text}{RESET}" if self.color else ev.text, end="")
+                elif ev.kind == "content":
+                    if reasoning and not parts:  # the answer starts on its own line, under the reasoning
+                        self.print()
                     parts.append(ev.text)
                     self.print(ev.text, end="")
                 elif ev.kind == "tool_call":
                     calls.append(ev.tool_call)
-                    gap = "\n" if parts or len(calls) > 1 else ""
+                    gap = "\n" if parts or reasoning or len(calls) > 1 else ""
                     self.print(f"{gap}[tool call {ev.tool_call.name}({ev.tool_call.arguments})]", end="")
                 else:
                     finish, usage = ev.finish_reason, ev.usage
@@ -99,6 +117,8 @@ class ChatLoop:
             self.print("\n[stopped]", end="")
         end = time.perf_counter()
         reply = {"role": "assistant", "content": "".join(parts)}
+        if reasoning:  # the template decides whether it goes back to the model (K2.5: only in a tool-call turn)
+            reply["reasoning_content"] = "".join(reasoning)
         if calls:
             reply["tool_calls"] = [c.to_openai() for c in calls]
         self.messages.append(reply)

@@ -95,9 +95,13 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
 
 
 class Checkpoint:
-    """Every tensor of a checkpoint directory, by name; data is mapped lazily, one private mapping per shard."""
+    """Every tensor of a checkpoint directory, by name; data is mapped lazily, one private mapping per shard.
 
-    def __init__(self, directory: str | Path):
+    prefix: the text model's tensors are named `prefix + name` (K2.5's "language_model."); they are keyed here by
+    `name`, and tensors outside the prefix (K2.5's vision tower and projector) are listed in `skipped` only.
+    """
+
+    def __init__(self, directory: str | Path, prefix: str = ""):
         self.dir = Path(directory)
         if not self.dir.is_dir():
             raise CheckpointError(f"{self.dir}: not a directory")
@@ -110,6 +114,9 @@ class Checkpoint:
             self.tensors = read_header(self.dir / SINGLE_NAME)
         else:
             raise CheckpointError(f"{self.dir}: neither {INDEX_NAME} nor {SINGLE_NAME} found")
+        self.skipped = [name for name in self.tensors if not name.startswith(prefix)]
+        if prefix:
+            self.tensors = {name[len(prefix):]: info for name, info in self.tensors.items() if name.startswith(prefix)}
 
     def _read_index(self, index: Path) -> None:
         try:

@@ -49,7 +49,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.preset:
         cfg, dtypes, source = ModelConfig.from_dict(MODEL_PRESETS[args.preset], args.preset), None, args.preset
     else:
-        cfg, dtypes, source = ModelConfig.from_file(args.model), checkpoint_dtypes(args.model), args.model
+        cfg, source = ModelConfig.from_file(args.model), args.model
+        dtypes = checkpoint_dtypes(args.model, cfg.tensor_prefix)
     gbs = args.host_read_gbs
     if gbs is None:
         import numpy as np
@@ -64,7 +65,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         disk_gbs = disk_read_bandwidth(sorted(Path(args.model).glob("*.safetensors")))
     try:
         p = plan(cfg, parse_bytes(args.gpu_mem), parse_bytes(args.host_mem), args.context, gbs, dtypes,
-                 disk_read_gbs=disk_gbs or 0.0)  # fmt: skip
+                 disk_read_gbs=disk_gbs or 0.0, gpu_weights=args.gpu_weights)  # fmt: skip
     except PlanError as e:
         print(f"hybrid plan: {source}: {e}", file=sys.stderr)
         return 1
@@ -105,6 +106,13 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-mem", help="GPU budget, e.g. 22GiB (default: what is free)")
     parser.add_argument("--host-mem", help="host RAM budget, e.g. 500GiB (default: what is available); below the "
                         "routed experts' size the rest are read from the checkpoint when needed")  # fmt: skip
+    _add_gpu_weights_option(parser)
+
+
+def _add_gpu_weights_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gpu-weights", choices=("bf16", "fp8"), default="bf16",
+                        help="INT4 checkpoints: keep the bf16 linears outside the routed experts as bf16 (default) or "
+                        "requantize them to block-fp8 at load, for a card that cannot hold them")  # fmt: skip
 
 
 def _print_plan_notes(engine) -> None:
@@ -114,7 +122,7 @@ def _print_plan_notes(engine) -> None:
 
 
 def _engine_options(args: argparse.Namespace) -> dict:
-    return {"device": args.device, "gpu_mem": args.gpu_mem, "host_mem": args.host_mem}
+    return {"device": args.device, "gpu_mem": args.gpu_mem, "host_mem": args.host_mem, "gpu_weights": args.gpu_weights}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--disk-read-gbs", type=float,
                     help="checkpoint disk read bandwidth in GB/s (default with --model: measure it, cold cache)")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_gpu_weights_option(pl)
     pl.set_defaults(func=cmd_plan)
     ch = sub.add_parser("chat", help="chat in the terminal, streamed, with /commands")
     ch.add_argument("--model", required=True, help="checkpoint directory")

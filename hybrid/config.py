@@ -1,18 +1,22 @@
 """Model configuration read straight from a Kimi-K2 / DeepSeek-V3 style config.json.
 
 `kimi_k2` is not a model type transformers knows, so there is no AutoConfig here: the fields map one-to-one onto
-the JSON keys, and anything the runtime cannot compute exactly is refused with the field's name.
+the JSON keys, and anything the runtime cannot compute exactly is refused with the field's name. `kimi_k25`
+(K2.5+, multimodal) nests the text model's config under `text_config` and its tensors under `language_model.`.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-SUPPORTED_MODEL_TYPES = ("kimi_k2", "deepseek_v3")
+SUPPORTED_MODEL_TYPES = ("kimi_k2", "deepseek_v3", "kimi_k25")
 FP8_BLOCK = 128
+INT4_GROUP = 32
+K25_PREFIX = "language_model."  # where kimi_k25 keeps the text model's tensors
 
 
 class ConfigError(ValueError):
@@ -31,6 +35,26 @@ class RopeScaling:
     mscale_all_dim: float | None = None
     attention_factor: float | None = None
     truncate: bool = True
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How the checkpoint stores its linears: "fp8" (block-fp8 everywhere: K2-Instruct) or "int4" (compressed-tensors
+    pack-quantized: every Linear not matched by `ignore` is INT4, the rest bf16: K2-Thinking, K2.5+)."""
+
+    method: str = "fp8"
+    ignore: tuple[str, ...] = ()
+
+    def format_of(self, module: str) -> str:
+        """"fp8", "int4" or "bf16" for a linear module, named as in the checkpoint (prefix included)."""
+        if self.method == "fp8":
+            return "fp8"
+        return "bf16" if any(_ignored(pattern, module) for pattern in self.ignore) else "int4"
+
+
+def _ignored(pattern: str, module: str) -> bool:
+    # compressed-tensors' rule: "re:" entries are regular expressions matched at the start of the module name
+    return bool(re.match(pattern[3:], module)) if pattern.startswith("re:") else pattern == module
 
 
 @dataclass(frozen=True)
@@ -66,6 +90,12 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     weight_block_size: tuple[int, int] = (FP8_BLOCK, FP8_BLOCK)
+    quantization: Quantization = Quantization()
+    tensor_prefix: str = ""  # prepended to every text-model tensor name in the checkpoint ("language_model." in K2.5)
+
+    def format_of(self, module: str) -> str:
+        """The weight format ("fp8", "int4", "bf16") of a linear module named without the tensor prefix."""
+        return self.quantization.format_of(self.tensor_prefix + module)
 
     @property
     def qk_head_dim(self) -> int:
@@ -126,6 +156,17 @@ def _parse(raw: dict, source: str) -> ModelConfig:
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise fail("model_type", f"is {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    prefix = ""
+    if model_type == "kimi_k25":  # the text model is text_config; the vision tower is not run (text only)
+        text = raw.get("text_config")
+        if not isinstance(text, dict):
+            raise fail("text_config", "is missing; a kimi_k25 config nests the text model's config there")
+        if "quantization_config" in raw and "quantization_config" not in text:
+            text = dict(text, quantization_config=raw["quantization_config"])
+        for key in ("bos_token_id", "eos_token_id", "tie_word_embeddings"):
+            if key in raw and key not in text:
+                text = dict(text, **{key: raw[key]})
+        raw, prefix, model_type = text, K25_PREFIX, "kimi_k2"
     for name in _REQUIRED:
         if name not in raw:
             raise fail(name, "is missing")
@@ -145,7 +186,7 @@ def _parse(raw: dict, source: str) -> ModelConfig:
     if kv_heads != raw["num_attention_heads"]:
         raise fail("num_key_value_heads", f"is {kv_heads}; MLA needs it equal to num_attention_heads")
 
-    block = _parse_quantization(raw, fail)
+    block, quantization = _parse_quantization(raw, fail)
     rope_scaling = _parse_rope_scaling(raw, fail)
 
     n_group = raw.get("n_group") or 1
@@ -165,7 +206,8 @@ def _parse(raw: dict, source: str) -> ModelConfig:
         model_type=model_type, n_group=n_group, topk_group=topk_group, rope_scaling=rope_scaling,
         weight_block_size=block, eos_token_id=_first_id(raw.get("eos_token_id")),
         q_lora_rank=raw.get("q_lora_rank") or None, n_shared_experts=raw.get("n_shared_experts") or 0,
-        first_k_dense_replace=raw.get("first_k_dense_replace") or 0,
+        first_k_dense_replace=raw.get("first_k_dense_replace") or 0, quantization=quantization,
+        tensor_prefix=prefix,
     )  # fmt: skip
     return ModelConfig(**kwargs)
 
@@ -174,13 +216,15 @@ def _first_id(value):
     return value[0] if isinstance(value, list) and value else value
 
 
-def _parse_quantization(raw: dict, fail) -> tuple[int, int]:
+def _parse_quantization(raw: dict, fail) -> tuple[tuple[int, int], Quantization]:
     q = raw.get("quantization_config")
     if q is None:
-        raise fail("quantization_config", "is missing; hybrid reads fp8 block-quantized checkpoints as published")
+        raise fail("quantization_config", "is missing; hybrid reads the fp8 and INT4 checkpoints as published")
     method = q.get("quant_method")
+    if method == "compressed-tensors":
+        return (FP8_BLOCK, FP8_BLOCK), _parse_compressed_tensors(q, fail)
     if method != "fp8":
-        raise fail("quantization_config.quant_method", f"is {method!r}; only 'fp8' is supported")
+        raise fail("quantization_config.quant_method", f"is {method!r}; supported: 'fp8', 'compressed-tensors'")
     fmt = q.get("fmt", "e4m3")
     if fmt != "e4m3":
         raise fail("quantization_config.fmt", f"is {fmt!r}; only 'e4m3' is supported")
@@ -189,7 +233,49 @@ def _parse_quantization(raw: dict, fail) -> tuple[int, int]:
         raise fail("quantization_config.weight_block_size", f"is {list(block)}; only [128, 128] is supported")
     if q.get("activation_scheme", "dynamic") != "dynamic":
         raise fail("quantization_config.activation_scheme", f"is {q['activation_scheme']!r}; expected 'dynamic'")
-    return block
+    return block, Quantization("fp8")
+
+
+# compressed-tensors weight fields and the only values this runtime computes (K2-Thinking / K2.5's scheme)
+_INT4_WEIGHTS = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": INT4_GROUP,
+                 "dynamic": False}  # fmt: skip
+
+
+def _parse_compressed_tensors(q: dict, fail) -> Quantization:
+    """K2-Thinking / K2.5: int4 group-32 symmetric weights, no activation quantization; anything else is refused."""
+    base = "quantization_config"
+    if q.get("format") != "pack-quantized":
+        raise fail(f"{base}.format", f"is {q.get('format')!r}; only 'pack-quantized' is supported")
+    if q.get("quantization_status", "compressed") != "compressed":
+        raise fail(f"{base}.quantization_status", f"is {q['quantization_status']!r}; expected 'compressed'")
+    if q.get("kv_cache_scheme") is not None:
+        raise fail(f"{base}.kv_cache_scheme", "is set; a quantized KV cache is not supported")
+    groups = q.get("config_groups")
+    if not isinstance(groups, dict) or len(groups) != 1:
+        raise fail(f"{base}.config_groups", "must hold exactly one group (int4 weights)")
+    (name, group), = groups.items()
+    where = f"{base}.config_groups.{name}"
+    if not isinstance(group, dict) or "Linear" not in (group.get("targets") or []):
+        raise fail(f"{where}.targets", "must include 'Linear'")
+    for kind in ("input_activations", "output_activations"):
+        if group.get(kind) is not None:
+            raise fail(f"{where}.{kind}", "is set; activation quantization is not supported")
+    weights = group.get("weights")
+    if not isinstance(weights, dict):
+        raise fail(f"{where}.weights", "is missing")
+    for key, want in _INT4_WEIGHTS.items():
+        if weights.get(key) != want:
+            raise fail(f"{where}.weights.{key}", f"is {weights.get(key)!r}; only {want!r} is supported")
+    ignore = q.get("ignore") or []
+    if not isinstance(ignore, list) or not all(isinstance(p, str) for p in ignore):
+        raise fail(f"{base}.ignore", "must be a list of module names or 're:' patterns")
+    for pattern in ignore:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as e:
+                raise fail(f"{base}.ignore", f"holds an invalid regular expression {pattern!r} ({e})") from None
+    return Quantization("int4", tuple(ignore))
 
 
 def _parse_rope_scaling(raw: dict, fail) -> RopeScaling | None:

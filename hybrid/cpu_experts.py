@@ -18,35 +18,35 @@ import torch
 
 from cpu_kernels import ExpertStack, routed_moe
 
-from .fp8 import codes
+from .formats import of_weight
 from .loader import TensorSource
 from .model import MLP
 from .profile import PROFILE
 
 
 def stack_experts(experts: list[MLP], source: TensorSource | None = None, names: list[str] | None = None,
-                  register: Callable[[np.ndarray], np.ndarray] | None = None) -> ExpertStack:  # fmt: skip
-    """Copy a layer's experts into contiguous [E, rows, cols] arrays (the kernels' layout).
+                  register: Callable[[np.ndarray], np.ndarray] | None = None):  # fmt: skip
+    """Copy a layer's experts into contiguous [E, rows, cols] arrays (the kernels' layout): an ExpertStack for fp8
+    experts, an Int4ExpertStack for INT4 ones.
 
     register: page-lock the arrays in place (`Device.register_host`), so the GPU can read the experts by DMA
     (long-prefill streaming, hot-expert cache admissions).
     With a checkpoint `source` and the experts' tensor `names`, the file pages just copied are released, so the
     weights live in RAM once: in the stack, not also in the page cache.
     """
-    first = experts[0]
+    form = of_weight(experts[0].gate)
     arrays = {}
     for part in ("gate", "up", "down"):
-        q0, s0 = getattr(first, part).q, getattr(first, part).scale
-        q = np.empty((len(experts), *q0.shape), np.int8)
-        s = np.empty((len(experts), *s0.shape), np.float32)
+        q0, s0 = form.host_arrays(getattr(experts[0], part))
+        q = np.empty((len(experts), *q0.shape), q0.dtype)
+        s = np.empty((len(experts), *s0.shape), s0.dtype)
         for e, mlp in enumerate(experts):
-            w = getattr(mlp, part)
-            q[e], s[e] = codes(w.q), w.scale.numpy()
+            q[e], s[e] = form.host_arrays(getattr(mlp, part))
         arrays[part], arrays[part + "_s"] = (register(q), register(s)) if register else (q, s)
     if source is not None and names:
         for name in names:
             source.release(name)
-    return ExpertStack(**arrays)
+    return form.stack_type(**arrays)
 
 
 def expert_flops(stack: ExpertStack, assignments: int) -> float:

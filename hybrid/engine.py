@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import weakref
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -13,6 +14,8 @@ from . import device as gpu_device
 from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .cpu_experts import ExpertWorker
+from .formats import FORMATS
+from .fp8 import quantize
 from .loader import TensorSource, assemble
 from .model import KVCache, LoopExperts, MoE, Transformer
 from .placement import Plan, PlanError, gpu_cache_slots, parse_bytes, plan
@@ -66,37 +69,47 @@ class Engine:
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu", gpu_mem: int | str | None = None,
                         host_mem: int | str | None = None, max_context: int | None = None, progress: bool = True,
-                        experts: str = "cpu") -> "Engine":  # fmt: skip
+                        experts: str = "cpu", gpu_weights: str = "bf16") -> "Engine":  # fmt: skip
         """Open a checkpoint directory (config.json + safetensors) after validating every tensor against the config.
 
         device "cuda": attention, dense layer, shared experts, router, norms, lm_head and the KV cache on the GPU
         (embeddings too when they fit), routed experts pinned in host RAM and computed by the CPU kernels; where
         things go is decided by `placement.plan` from gpu_mem / host_mem (default: what is free now) and
         max_context (default: the longest that fits). device "cpu": everything on the CPU, same code.
-        experts: "cpu" (the Numba fp8 kernels) or "reference" (a plain per-expert torch loop, for debugging).
+        experts: "cpu" (the Numba kernels) or "reference" (a plain per-expert torch loop, for debugging).
+        gpu_weights "fp8": bf16 linears outside the routed experts (INT4 checkpoints) are requantized to block-fp8
+        at load, for cards that cannot hold them in bf16.
         """
         path = Path(path)
         cfg = ModelConfig.from_file(path)
-        ckpt = Checkpoint(path)
+        ckpt = Checkpoint(path, prefix=cfg.tensor_prefix)
+        if ckpt.skipped and progress:
+            print(f"note: skipping {len(ckpt.skipped)} tensors outside the text model (e.g. '{ckpt.skipped[0]}'): "
+                  "text only for now", file=sys.stderr)  # fmt: skip
         validate(ckpt, cfg)
         dtypes = {name: info.dtype for name, info in ckpt.tensors.items()}
-        return cls.from_tensors(cfg, ckpt, device, gpu_mem, host_mem, max_context, progress, experts, dtypes, path)
+        return cls.from_tensors(cfg, ckpt, device, gpu_mem, host_mem, max_context, progress, experts, dtypes, path,
+                                gpu_weights)  # fmt: skip
 
     @classmethod
     def from_tensors(cls, cfg: ModelConfig, source: TensorSource, device: str = "cpu",
                      gpu_mem: int | str | None = None, host_mem: int | str | None = None,
                      max_context: int | None = None, progress: bool = True, experts: str = "cpu",
-                     dtypes: dict[str, str] | None = None, path: Path | None = None) -> "Engine":  # fmt: skip
+                     dtypes: dict[str, str] | None = None, path: Path | None = None,
+                     gpu_weights: str = "bf16") -> "Engine":  # fmt: skip
         """Build from any source of checkpoint-named tensors (a Checkpoint, or synthetic weights made on demand)."""
         if experts not in ("cpu", "reference"):
             raise ValueError(f"experts must be 'cpu' or 'reference', got {experts!r}")
+        if gpu_weights not in ("bf16", "fp8"):
+            raise ValueError(f"gpu_weights must be 'bf16' or 'fp8', got {gpu_weights!r}")
         dev = _resolve_device(device)
         cuda = dev is not None
         if cuda and experts == "reference":
             raise ValueError("experts='reference' runs on the CPU only (device='cpu')")
         host = parse_bytes(host_mem) if host_mem else psutil.virtual_memory().available
         gpu = (parse_bytes(gpu_mem) if gpu_mem else dev.mem_get_info()[0]) if cuda else 0
-        the_plan = plan(cfg, gpu, host, max_context, dtypes=dtypes, gpu=cuda, kv_bytes=2 if cuda else 4)
+        the_plan = plan(cfg, gpu, host, max_context, dtypes=dtypes, gpu=cuda, kv_bytes=2 if cuda else 4,
+                        gpu_weights=gpu_weights)  # fmt: skip
         max_context = the_plan.kv_capacity_tokens
         tiered = experts == "cpu" and the_plan.expert_slots < cfg.n_routed_experts
         if tiered and not hasattr(source, "tensors"):
@@ -112,6 +125,16 @@ class Engine:
             source.release(name)  # the copy is the only one now
             return placed
 
+        def linear(module: str):
+            fmt = FORMATS[cfg.format_of(module)]
+            if gpu_weights == "fp8" and fmt.name == "bf16" and ".mlp.experts." not in module:
+                name = f"{module}.weight"
+                w = source.get(name)
+                w = quantize(dev.to(w) if cuda and the_plan.device_of(name) == "gpu" else w)
+                source.release(name)
+                return w
+            return fmt.build({suffix: place(f"{module}.{suffix}") for suffix in fmt.tensors})
+
         worker, cache_slots = None, 0
         if experts == "reference":
             def factory(layer, routed, names):
@@ -124,7 +147,7 @@ class Engine:
             cache_slots = gpu_cache_slots(cfg, the_plan) if cuda else 0
             factory = _hybrid_factory(source, worker, dev, the_plan.expert_slots if tiered else 0, cache_slots,
                                       cfg.moe_layers)  # fmt: skip
-        model = assemble(cfg, place, experts=factory, progress=progress)
+        model = assemble(cfg, place, experts=factory, progress=progress, linear=linear)
         engine = cls(cfg, model, path, max_context, the_plan, worker)
         engine.tiers = {i: e.tier for i, e in engine._routed().items() if getattr(e, "tier", None) is not None}
         engine.prefetcher = Prefetcher(model.blocks, engine.tiers) if engine.tiers else None

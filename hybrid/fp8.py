@@ -80,7 +80,7 @@ def quantize(w: torch.Tensor) -> Fp8Weight:
     """Block-quantize a float matrix as DeepSeek's tools do: per 128x128 block, scale = amax / 448."""
     rows, cols = w.shape
     pr, pc = -(-rows // FP8_BLOCK) * FP8_BLOCK, -(-cols // FP8_BLOCK) * FP8_BLOCK
-    padded = torch.zeros(pr, pc, dtype=torch.float32)
+    padded = w.new_zeros(pr, pc, dtype=torch.float32)  # on w's device: requantizing at load runs on the GPU
     padded[:rows, :cols] = w.float()
     blocks = padded.view(pr // FP8_BLOCK, FP8_BLOCK, pc // FP8_BLOCK, FP8_BLOCK)
     amax = blocks.abs().amax(dim=(1, 3))

@@ -14,7 +14,7 @@ import torch
 
 from cpu_kernels import FIELDS, ExpertStack
 
-from .fp8 import Fp8Weight
+from .formats import as_torch, of_stack
 from .model import MLP
 from .profile import PROFILE
 
@@ -23,15 +23,15 @@ HYSTERESIS = 1.5
 
 
 def device_slots(template: ExpertStack, slots: int, device) -> dict[str, torch.Tensor]:
-    """Empty arrays for `slots` experts on `device` (a `hybrid.device` Device), laid out like an ExpertStack (fp8
-    codes as int8, fp32 scales)."""
-    return {f: device.empty((slots, *getattr(template, f).shape[1:]),
-                            torch.int8 if not f.endswith("_s") else torch.float32) for f in FIELDS}  # fmt: skip
+    """Empty arrays for `slots` experts on `device` (a `hybrid.device` Device), laid out like the stack `template`
+    (fp8: int8 codes and fp32 scales; INT4: packed bytes and bf16 scale bits)."""
+    return {f: device.empty((slots, *getattr(template, f).shape[1:]), as_torch(getattr(template, f)[:0]).dtype)
+            for f in FIELDS}  # fmt: skip
 
 
-def slot_mlp(arrays: dict[str, torch.Tensor], slot: int) -> MLP:
-    """The MLP whose fp8 weights are slot `slot` of device arrays laid out like an ExpertStack."""
-    return MLP(*(Fp8Weight(arrays[p][slot].view(torch.float8_e4m3fn), arrays[p + "_s"][slot]) for p in ("gate", "up", "down")))
+def slot_mlp(arrays: dict[str, torch.Tensor], slot: int, fmt) -> MLP:
+    """The MLP whose weights are slot `slot` of device arrays laid out like a stack of format `fmt`."""
+    return MLP(*(fmt.slot_weight(arrays[p][slot], arrays[p + "_s"][slot]) for p in ("gate", "up", "down")))
 
 
 def apply_experts(x: torch.Tensor, ids: np.ndarray, w: torch.Tensor, mlp_of) -> torch.Tensor:
@@ -63,6 +63,7 @@ class GpuExpertCache:
         """device: a `hybrid.device` Device; budget: limits swaps across layers (None: one per layer and step)."""
         self.device, self.slots, self.budget = device, slots, budget
         self.arrays = device_slots(template, slots, self.device)
+        self.format = of_stack(template)
         self.slot_of = np.full(n_experts, -1, np.int64)
         self.expert_in = np.full(slots, -1, np.int64)
         self.score = np.zeros(n_experts)
@@ -78,7 +79,8 @@ class GpuExpertCache:
 
     def compute(self, x: torch.Tensor, ids: np.ndarray, w: torch.Tensor, mask: np.ndarray) -> torch.Tensor:
         with PROFILE("experts (GPU cache)"):
-            return apply_experts(x, np.where(mask, ids, -1), w, lambda e: slot_mlp(self.arrays, self.slot_of[e]))
+            return apply_experts(x, np.where(mask, ids, -1), w,
+                                 lambda e: slot_mlp(self.arrays, self.slot_of[e], self.format))
 
     def update(self, ids: np.ndarray, host_arrays) -> None:
         """Score the step's routing and admit at most one expert. host_arrays(e) -> {field: numpy slot} or None
@@ -105,7 +107,7 @@ class GpuExpertCache:
         if source is None or (self.budget is not None and not self.budget.take()):
             return
         for f in FIELDS:  # synchronous: a disk-tier slot may be refilled by an I/O thread right after
-            self.arrays[f][slot].copy_(torch.from_numpy(source[f]))
+            self.arrays[f][slot].copy_(as_torch(source[f]))
         old = self.expert_in[slot]
         if old >= 0:
             self.slot_of[old] = -1

@@ -13,6 +13,7 @@ import torch
 from cpu_kernels import FIELDS, ExpertStack
 
 from .cpu_experts import ExpertWorker, expert_flops
+from .formats import as_torch, of_stack
 from .gpu_cache import GpuExpertCache, device_slots, slot_mlp
 from .profile import PROFILE
 from .tiers import LayerTier, remap, tier_groups, to_numpy_ids
@@ -26,7 +27,8 @@ class StreamedExperts:
 
     def __init__(self, stack: ExpertStack, device, staging: dict | None = None):
         self.stack, self.device = stack, device
-        self.host = {f: torch.from_numpy(getattr(stack, f)) for f in FIELDS}
+        self.host = {f: as_torch(getattr(stack, f)) for f in FIELDS}
+        self.format = of_stack(stack)
         self.staging = staging or device_slots(stack, 2, device)
 
     def __call__(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -57,7 +59,7 @@ class StreamedExperts:
                 compute.wait_event(loaded[i])
                 if i + 1 < len(used):
                     start_load(i + 1)  # overlaps with this expert's compute
-                mlp = slot_mlp(self.staging, i % 2)
+                mlp = slot_mlp(self.staging, i % 2, self.format)
                 rows, slots = rows_all[bounds[i]:bounds[i + 1]], slot_all[bounds[i]:bounds[i + 1]]
                 out.index_add_(0, rows, mlp(x[rows]) * w[rows, slots, None])
                 freed[i % 2] = dev.event()

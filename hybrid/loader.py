@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from .config import ModelConfig
-from .fp8 import Fp8Weight
+from .formats import FORMATS
 from .model import MLP, Attention, Block, LoopExperts, MoE, Router, RoutedExperts, Transformer
 from .schema import expected_tensors
 
@@ -24,11 +24,13 @@ def reference_experts(layer: int, experts: list[MLP], names: list[str]) -> Route
 class TensorTaker:
     """Hands out tensors by checkpoint name and remembers which were used, so nothing is silently left behind.
 
-    `linear(module)` builds a linear's weight; by default the fp8 pair `{module}.weight` + `weight_scale_inv`.
+    `linear(module)`, when given, builds every linear's weight itself (training); by default the weight object of
+    the module's format (`formats.FORMATS`) is built from its checkpoint tensors.
     """
 
-    def __init__(self, get: Callable[[str], torch.Tensor], linear: Callable[[str], object] | None = None):
-        self.get, self.linear, self.used = get, linear, set()
+    def __init__(self, get: Callable[[str], torch.Tensor], linear: Callable[[str], object] | None = None,
+                 format_of: Callable[[str], str] = lambda module: "fp8"):  # fmt: skip
+        self.get, self.linear, self.format_of, self.used = get, linear, format_of, set()
 
     def __call__(self, name: str):
         if name in self.used:
@@ -36,20 +38,22 @@ class TensorTaker:
         self.used.add(name)
         return self.get(name)
 
-    def fp8(self, module: str):
+    def weight(self, module: str):
+        fmt = FORMATS[self.format_of(module)]
         if self.linear is not None:
-            self.used.update((f"{module}.weight", f"{module}.weight_scale_inv"))
+            self.used.update(f"{module}.{suffix}" for suffix in fmt.tensors)
             return self.linear(module)
-        return Fp8Weight(self(f"{module}.weight"), self(f"{module}.weight_scale_inv"))
+        return fmt.build({suffix: self(f"{module}.{suffix}") for suffix in fmt.tensors})
 
     def mlp(self, prefix: str) -> MLP:
-        return MLP(self.fp8(f"{prefix}.gate_proj"), self.fp8(f"{prefix}.up_proj"), self.fp8(f"{prefix}.down_proj"))
+        return MLP(*(self.weight(f"{prefix}.{proj}") for proj in ("gate_proj", "up_proj", "down_proj")))
 
 
-def mlp_tensor_names(mlp: str) -> list[str]:
-    """The six checkpoint tensors of an MLP module, in ExpertStack field order (gate, gate_s, up, up_s, down, down_s)."""
-    return [f"{mlp}.{proj}.{kind}" for proj in ("gate_proj", "up_proj", "down_proj")
-            for kind in ("weight", "weight_scale_inv")]  # fmt: skip
+def mlp_tensor_names(mlp: str, fmt: str = "fp8") -> list[str]:
+    """The six stacked checkpoint tensors of an MLP module in `fmt`, in stack field order (gate, gate_s, up, up_s,
+    down, down_s): fp8 `weight` + `weight_scale_inv`, INT4 `weight_packed` + `weight_scale`."""
+    return [f"{mlp}.{proj}.{suffix}" for proj in ("gate_proj", "up_proj", "down_proj")
+            for suffix in FORMATS[fmt].suffixes]  # fmt: skip
 
 
 class TensorSource(Protocol):
@@ -61,9 +65,10 @@ class TensorSource(Protocol):
 
 
 def assemble(cfg: ModelConfig, get: Callable[[str], torch.Tensor], experts: ExpertsFactory = reference_experts,
-             progress: bool = True) -> Transformer:  # fmt: skip
-    """Build the model from get(name) (which also places each tensor) and check every expected tensor was used."""
-    take = TensorTaker(get)
+             progress: bool = True, linear: Callable[[str], object] | None = None) -> Transformer:  # fmt: skip
+    """Build the model from get(name) (which also places each tensor) and check every expected tensor was used.
+    linear(module), when given, builds each linear's weight object (e.g. requantized)."""
+    take = TensorTaker(get, linear, format_of=cfg.format_of)
     model = build_transformer(cfg, take, experts, progress)
     missed = expected_tensors(cfg).keys() - take.used
     if missed:
@@ -81,18 +86,19 @@ def build_transformer(cfg: ModelConfig, take: TensorTaker, experts: ExpertsFacto
         q_lora = bool(cfg.q_lora_rank)
         attn = Attention(
             cfg, i,
-            q_a=take.fp8(f"{a}.q_a_proj") if q_lora else None,
+            q_a=take.weight(f"{a}.q_a_proj") if q_lora else None,
             q_a_norm=take(f"{a}.q_a_layernorm.weight") if q_lora else None,
-            q_b=take.fp8(f"{a}.q_b_proj" if q_lora else f"{a}.q_proj"),
-            kv_a=take.fp8(f"{a}.kv_a_proj_with_mqa"), kv_a_norm=take(f"{a}.kv_a_layernorm.weight"),
-            kv_b=take.fp8(f"{a}.kv_b_proj"), o=take.fp8(f"{a}.o_proj"),
+            q_b=take.weight(f"{a}.q_b_proj" if q_lora else f"{a}.q_proj"),
+            kv_a=take.weight(f"{a}.kv_a_proj_with_mqa"), kv_a_norm=take(f"{a}.kv_a_layernorm.weight"),
+            kv_b=take.weight(f"{a}.kv_b_proj"), o=take.weight(f"{a}.o_proj"),
         )  # fmt: skip
         if cfg.is_moe_layer(i):
             router = Router(cfg, take(f"{p}.mlp.gate.weight"), take(f"{p}.mlp.gate.e_score_correction_bias"))
             modules = [f"{p}.mlp.experts.{e}" for e in range(cfg.n_routed_experts)]
             routed = [take.mlp(m) for m in modules]
             shared = take.mlp(f"{p}.mlp.shared_experts") if cfg.n_shared_experts else None
-            ffn = MoE(router, experts(i, routed, [n for m in modules for n in mlp_tensor_names(m)]), shared)
+            names = [n for m in modules for n in mlp_tensor_names(m, cfg.format_of(f"{m}.gate_proj"))]
+            ffn = MoE(router, experts(i, routed, names), shared)
         else:
             ffn = take.mlp(f"{p}.mlp")
         blocks.append(Block(take(f"{p}.input_layernorm.weight"), attn, take(f"{p}.post_attention_layernorm.weight"),

@@ -16,30 +16,43 @@ from cpu_kernels import mla
 
 from .config import ModelConfig, yarn_mscale
 from .device import on_device
+from .formats import Int4Weight
 from .fp8 import Fp8Weight, bf16_matmul_cpu, codes, fp8_matmul_cpu
 from .profile import PROFILE
 
 
-def dense(w: Fp8Weight | torch.Tensor) -> torch.Tensor:
-    """A linear's weight in fp32: fp8 weights are dequantized on the fly, float ones (training) pass through."""
-    return w.dequantize() if isinstance(w, Fp8Weight) else w.float()
+Weight = Fp8Weight | Int4Weight | torch.Tensor  # a linear's weight as its checkpoint format stores it
+
+
+def dense(w: Weight) -> torch.Tensor:
+    """A linear's weight in fp32: quantized weights are dequantized on the fly, float ones (bf16, training) cast."""
+    return w.dequantize() if isinstance(w, (Fp8Weight, Int4Weight)) else w.float()
 
 
 FUSED_MAX_TOKENS = 4  # up to here a CPU fp8 linear streams the codes; beyond, dequantize once and matmul
 GPU_FUSED_MAX_TOKENS = 16  # up to here a GPU fp8 linear reads the codes (Triton); beyond, dequantize and matmul
 
 
-def linear(x: torch.Tensor, w: Fp8Weight | torch.Tensor) -> torch.Tensor:
+def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     """y = x W^T in fp32 (the one place a linear's path is chosen)."""
     if x.dim() == 2 and not x.requires_grad:
         if x.shape[0] <= FUSED_MAX_TOKENS and _fused_cpu(x, w):
             return fp8_matmul_cpu(x, w)
-        if x.shape[0] <= FUSED_MAX_TOKENS and not on_device(x) and w.dtype == torch.bfloat16 and not w.requires_grad:
-            return bf16_matmul_cpu(x, w)  # the lm_head: no fp32 copy
+        bf16 = isinstance(w, torch.Tensor) and w.dtype == torch.bfloat16 and not w.requires_grad
+        if x.shape[0] <= FUSED_MAX_TOKENS and not on_device(x) and bf16:
+            return bf16_matmul_cpu(x, w)  # the lm_head, INT4 checkpoints' bf16 linears: no fp32 copy
         if x.shape[0] <= GPU_FUSED_MAX_TOKENS and on_device(x) and isinstance(w, Fp8Weight):
             from .gpu_kernels import fp8_linear
 
             return fp8_linear(x.float(), w.q, w.scale)
+        if x.shape[0] <= GPU_FUSED_MAX_TOKENS and on_device(x) and bf16:
+            from .gpu_kernels import bf16_linear
+
+            return bf16_linear(x.float(), w)  # INT4 checkpoints' bf16 linears: no fp32 copy of the weight
+        if on_device(x) and isinstance(w, Int4Weight):  # the hot-expert cache and streamed prefill (any rows)
+            from .gpu_kernels import int4_linear
+
+            return int4_linear(x.float(), w.packed, w.scale)
     return F.linear(x, dense(w))
 
 
@@ -47,7 +60,7 @@ def _fused_cpu(x: torch.Tensor, w) -> bool:
     return isinstance(w, Fp8Weight) and not on_device(x) and not x.requires_grad
 
 
-def absorb_query(q_nope: torch.Tensor, kv_b: Fp8Weight | torch.Tensor, dv: int) -> torch.Tensor:
+def absorb_query(q_nope: torch.Tensor, kv_b: Weight, dv: int) -> torch.Tensor:
     """MLA decode: q_nope [nh, dn] -> [nh, C], the query against the latent cache (kv_b's key half absorbed)."""
     nh, dn = q_nope.shape
     if _fused_cpu(q_nope, kv_b):
@@ -55,7 +68,7 @@ def absorb_query(q_nope: torch.Tensor, kv_b: Fp8Weight | torch.Tensor, dv: int) 
     return torch.einsum("hd,hdc->hc", q_nope, dense(kv_b).view(nh, dn + dv, -1)[:, :dn])
 
 
-def absorb_value(ctx: torch.Tensor, kv_b: Fp8Weight | torch.Tensor, dn: int) -> torch.Tensor:
+def absorb_value(ctx: torch.Tensor, kv_b: Weight, dn: int) -> torch.Tensor:
     """MLA decode: attention-weighted latents ctx [nh, C] -> [nh, dv] (kv_b's value half absorbed)."""
     nh, C = ctx.shape
     if _fused_cpu(ctx, kv_b):
@@ -128,13 +141,13 @@ class KVCache:
 class Attention:
     cfg: ModelConfig
     layer: int
-    q_a: Fp8Weight | None
+    q_a: Weight | None
     q_a_norm: torch.Tensor | None
-    q_b: Fp8Weight  # q_b_proj, or q_proj when q_lora_rank is None
-    kv_a: Fp8Weight
+    q_b: Weight  # q_b_proj, or q_proj when q_lora_rank is None
+    kv_a: Weight
     kv_a_norm: torch.Tensor
-    kv_b: Fp8Weight
-    o: Fp8Weight
+    kv_b: Weight
+    o: Weight
 
     def __call__(self, x, start: int, cache: KVCache, cos, sin) -> torch.Tensor:
         cfg, T = self.cfg, x.shape[0]
@@ -147,11 +160,12 @@ class Attention:
         end, cached_c, cached_pe = start + T, cache.c[self.layer], cache.pe[self.layer]
         c_new, pe_new = rms_norm(kv[:, :C], self.kv_a_norm, cfg.rms_norm_eps), apply_rope(kv[:, C:], cos, sin)
         cached_c[start:end], cached_pe[start:end] = c_new, pe_new
-        if T == 1 and on_device(x) and isinstance(self.kv_b, Fp8Weight):  # one Triton path over the bf16 cache
+        bf16_kv_b = isinstance(self.kv_b, torch.Tensor) and self.kv_b.dtype == torch.bfloat16
+        if T == 1 and on_device(x) and (isinstance(self.kv_b, Fp8Weight) or bf16_kv_b):  # one Triton path
             from .gpu_kernels import mla_decode
 
-            out = mla_decode(q_nope[0], q_pe[0], self.kv_b.q, self.kv_b.scale, cached_c, cached_pe, end,
-                             cfg.softmax_scale, dv)  # fmt: skip
+            kv_b, scale = (self.kv_b.q, self.kv_b.scale) if isinstance(self.kv_b, Fp8Weight) else (self.kv_b, None)
+            out = mla_decode(q_nope[0], q_pe[0], kv_b, scale, cached_c, cached_pe, end, cfg.softmax_scale, dv)
             return linear(out.reshape(T, nh * dv), self.o)
         # the chunk's own latents at full precision, earlier ones as cached (bf16 on a GPU): with a bf16 cache read
         # back, near-tie routing flips made random-weight prefill logits differ by up to 30% from fp32
@@ -180,9 +194,9 @@ class Attention:
 class MLP:
     """SwiGLU: down(silu(gate x) * up x). Dense layers and the shared expert."""
 
-    gate: Fp8Weight
-    up: Fp8Weight
-    down: Fp8Weight
+    gate: Weight
+    up: Weight
+    down: Weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return linear(F.silu(linear(x, self.gate)) * linear(x, self.up), self.down)

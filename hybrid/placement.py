@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .checkpoint import Checkpoint, tensor_nbytes
 from .config import ModelConfig
-from .schema import expected_tensors
+from .schema import expected_tensors, linear_specs, scale_shape
 
 GiB = 1 << 30
 GPU_RESERVE = 1 * GiB  # CUDA context, activations and scratch buffers of one decode step and a prefill chunk
@@ -91,13 +91,22 @@ class Plan:
         return d
 
 
-def component_bytes(cfg: ModelConfig, dtypes: dict[str, str] | None = None) -> dict[str, int]:
-    """Bytes per component; dtypes maps tensor name -> safetensors dtype (default: K2's published dtypes)."""
+def component_bytes(cfg: ModelConfig, dtypes: dict[str, str] | None = None,
+                    gpu_weights: str = "bf16") -> dict[str, int]:
+    """Bytes per component as held in memory; dtypes maps tensor name -> safetensors dtype (default: the published
+    dtypes). gpu_weights "fp8": bf16 linears outside the routed experts counted as requantized to block-fp8."""
     sizes: dict[str, int] = {}
+    requantized = {f"{m}.weight": shape for m, shape in linear_specs(cfg).items()
+                   if gpu_weights == "fp8" and cfg.format_of(m) == "bf16"}  # fmt: skip
     for name, spec in expected_tensors(cfg).items():
-        dtype = (dtypes or {}).get(name, spec.dtypes[0])
+        if spec.kind == "int4_shape":
+            continue  # checked at load, not kept
         key = _component_of(name)
-        sizes[key] = sizes.get(key, 0) + tensor_nbytes(dtype, spec.shape)
+        if name in requantized and key != "routed experts":
+            n = tensor_nbytes("F8_E4M3", spec.shape) + tensor_nbytes("F32", scale_shape(spec.shape))
+        else:
+            n = tensor_nbytes((dtypes or {}).get(name, spec.dtypes[0]), spec.shape)
+        sizes[key] = sizes.get(key, 0) + n
     return sizes
 
 
@@ -121,7 +130,7 @@ def _component_of(name: str) -> str:
 
 def plan(cfg: ModelConfig, gpu_mem: int, host_mem: int, context: int | None, host_read_gbs: float = 0.0,
          dtypes: dict[str, str] | None = None, gpu: bool = True, kv_bytes: int = KV_BYTES,
-         disk_read_gbs: float = 0.0) -> Plan:  # fmt: skip
+         disk_read_gbs: float = 0.0, gpu_weights: str = "bf16") -> Plan:  # fmt: skip
     """Place everything; raise PlanError when the GPU part (or, without a GPU, the non-expert part) cannot fit.
 
     context None: with a GPU the longest context whose KV cache fits beside the weights, without one
@@ -129,7 +138,7 @@ def plan(cfg: ModelConfig, gpu_mem: int, host_mem: int, context: int | None, hos
     RAM (CPU-only mode). Routed experts take the host RAM left: whole layers' worth, or a number of slots per
     layer with the rest on the disk tier (at least top-k per layer, or the plan is refused).
     """
-    sizes = component_bytes(cfg, dtypes)
+    sizes = component_bytes(cfg, dtypes, gpu_weights)
     kv_per_token = _kv_per_token(cfg, kv_bytes)
     if context is None:
         context = _longest_context(cfg, gpu_mem, sizes, kv_per_token) if gpu else min(
@@ -145,13 +154,17 @@ def plan(cfg: ModelConfig, gpu_mem: int, host_mem: int, context: int | None, hos
     if fixed > budget:
         detail = ", ".join(f"{k} {_gib(sizes[k])}" for k in gpu_parts)
         where = "GPU" if gpu else "host RAM"
+        fp8 = gpu and gpu_weights == "bf16" and component_bytes(cfg, dtypes, "fp8") != sizes
         raise PlanError(
             f"the {'GPU' if gpu else 'non-expert'} part does not fit: it needs {_gib(fixed)} ({detail}, KV cache for "
             f"{context} tokens {_gib(kv_per_token * context)}{f', reserve {_gib(GPU_RESERVE)}' if gpu else ''}) but "
-            f"the {where} budget is {_gib(budget)}: short by {_gib(fixed - budget)}. Use a shorter --context or a "
+            f"the {where} budget is {_gib(budget)}: short by {_gib(fixed - budget)}. Use a shorter --context"
+            f"{', --gpu-weights fp8 (bf16 linears requantized to block-fp8 at load)' if fp8 else ''} or a "
             f"larger {'GPU' if gpu else 'host RAM budget'}."
         )
     notes = []
+    if gpu_weights == "fp8" and sizes != component_bytes(cfg, dtypes):
+        notes.append("bf16 linears outside the routed experts are requantized to block-fp8 at load (--gpu-weights fp8)")
     embed_on_fast = not gpu or fixed + sizes["embeddings"] <= budget
     if gpu and embed_on_fast:
         fixed += sizes["embeddings"]
@@ -217,9 +230,9 @@ def _longest_context(cfg: ModelConfig, gpu_mem: int, sizes: dict[str, int], kv_p
     return min(cfg.max_position_embeddings, max(1, free // kv_per_token))  # 1 token: let plan() say why
 
 
-def checkpoint_dtypes(path: str | Path) -> dict[str, str]:
-    """Tensor dtypes from the safetensors headers alone (no weight is read)."""
-    return {name: info.dtype for name, info in Checkpoint(path).tensors.items()}
+def checkpoint_dtypes(path: str | Path, prefix: str = "") -> dict[str, str]:
+    """Tensor dtypes from the safetensors headers alone (no weight is read); prefix: the config's tensor_prefix."""
+    return {name: info.dtype for name, info in Checkpoint(path, prefix).tensors.items()}
 
 
 def _gib(n: int) -> str:

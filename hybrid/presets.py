@@ -67,7 +67,50 @@ KIMI_K2_INSTRUCT_0905 = copy.deepcopy(KIMI_K2_INSTRUCT)
 KIMI_K2_INSTRUCT_0905["max_position_embeddings"] = 262144
 KIMI_K2_INSTRUCT_0905["rope_scaling"]["factor"] = 64.0
 
-MODEL_PRESETS = {"kimi-k2-instruct": KIMI_K2_INSTRUCT, "kimi-k2-instruct-0905": KIMI_K2_INSTRUCT_0905}
+# The native-INT4 family (shared/KIMI_K2.md section 8): routed experts INT4 (compressed-tensors pack-quantized,
+# group 32, symmetric), everything else bf16. No Moonshot config.json was read verbatim; the fields below are the
+# ones third-party readers of the real files agree on.
+COMPRESSED_TENSORS_INT4 = {
+    "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+    "config_groups": {"group_0": {
+        "targets": ["Linear"], "input_activations": None, "output_activations": None,
+        "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32,
+                    "dynamic": False, "actorder": None, "observer": "minmax", "observer_kwargs": {}},
+    }},
+    "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"],
+    "kv_cache_scheme": None, "sparsity_config": {},
+}  # fmt: skip
+
+
+def int4_config(text: dict, layout: str = "flat") -> dict:
+    """A K2 text config made INT4 (K2-Thinking's flat layout), or nested as kimi_k25 (layout "k25")."""
+    text = copy.deepcopy(text)
+    text["quantization_config"] = copy.deepcopy(COMPRESSED_TENSORS_INT4)
+    if layout == "flat":
+        return text
+    if layout != "k25":
+        raise ValueError(f"layout must be 'flat' or 'k25', got {layout!r}")
+    text["quantization_config"]["ignore"] += ["re:vision_tower.*", "re:mm_projector.*"]
+    return {
+        "architectures": ["KimiK25ForConditionalGeneration"], "model_type": "kimi_k25",
+        "text_config": text, "vision_config": {"model_type": "moonvit", "hidden_size": 64, "patch_size": 14},
+        "bos_token_id": text.get("bos_token_id"), "eos_token_id": text.get("eos_token_id"),
+    }  # fmt: skip
+
+
+# K2-Thinking: the 0905 text config (256K context), INT4 experts. K2.5 and K2.6: kimi_k25 with the text config's
+# beta_fast 32 and rms_norm_eps 1e-5 (K2-Instruct had 1 and 1e-6: they are read from the file, never assumed).
+KIMI_K2_THINKING = int4_config(KIMI_K2_INSTRUCT_0905)
+_K25_TEXT = copy.deepcopy(KIMI_K2_INSTRUCT_0905)
+_K25_TEXT["rope_scaling"]["beta_fast"] = 32.0
+_K25_TEXT["rms_norm_eps"] = 1e-5
+KIMI_K2_5 = int4_config(_K25_TEXT, "k25")
+KIMI_K2_6 = copy.deepcopy(KIMI_K2_5)
+
+MODEL_PRESETS = {
+    "kimi-k2-instruct": KIMI_K2_INSTRUCT, "kimi-k2-instruct-0905": KIMI_K2_INSTRUCT_0905,
+    "kimi-k2-thinking": KIMI_K2_THINKING, "kimi-k2.5": KIMI_K2_5, "kimi-k2.6": KIMI_K2_6,
+}  # fmt: skip
 
 # Synthetic sizes, as overrides of the K2 config. Widths deliberately include partial 128-blocks (e.g. kv_a
 # has kv_lora_rank + rope rows, like K2's 576) so the edge-block paths are always exercised.
@@ -86,8 +129,10 @@ SYNTHETIC_PRESETS = {
 }  # fmt: skip
 
 
-def synthetic_config(preset: str, layers: int | None = None, **overrides) -> dict:
-    """A K2-style config.json dict for a synthetic preset; special token ids follow the vocabulary's size."""
+def synthetic_config(preset: str, layers: int | None = None, fmt: str = "fp8", layout: str = "flat",
+                     **overrides) -> dict:  # fmt: skip
+    """A K2-style config.json dict for a synthetic preset; special token ids follow the vocabulary's size.
+    fmt "int4": K2-Thinking's format (INT4 experts, bf16 rest); layout "k25": nested as kimi_k25 (INT4)."""
     if preset not in SYNTHETIC_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(SYNTHETIC_PRESETS)}")
     cfg = copy.deepcopy(KIMI_K2_INSTRUCT)
@@ -97,4 +142,8 @@ def synthetic_config(preset: str, layers: int | None = None, **overrides) -> dic
     cfg.update(overrides)
     first_special = cfg["vocab_size"] - 256
     cfg["bos_token_id"], cfg["eos_token_id"] = first_special, first_special + 1
+    if fmt not in ("fp8", "int4"):
+        raise ValueError(f"format must be 'fp8' or 'int4', got {fmt!r}")
+    if fmt == "int4" or layout != "flat":
+        return int4_config(cfg, layout)
     return cfg

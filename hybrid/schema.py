@@ -7,27 +7,16 @@ checkpoint writer, so the two can never disagree.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 from .checkpoint import Checkpoint, CheckpointError
-from .config import FP8_BLOCK, ModelConfig
+from .config import ModelConfig
+from .formats import FLOAT_DTYPES, FORMATS, Spec, scale_shape
 
-FLOAT_DTYPES = ("BF16", "F16", "F32")
-
-
-@dataclass(frozen=True)
-class Spec:
-    shape: tuple[int, ...]
-    dtypes: tuple[str, ...]  # accepted safetensors dtypes; the first is what the real checkpoint uses
-    fp8: bool = False  # an fp8 weight with a companion `weight_scale_inv`
-
-
-def scale_shape(shape: tuple[int, int]) -> tuple[int, int]:
-    return (-(-shape[0] // FP8_BLOCK), -(-shape[1] // FP8_BLOCK))
+__all__ = ["Spec", "scale_shape", "linear_specs", "expected_tensors", "validate", "skipped"]
 
 
 def linear_specs(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    """Every fp8 linear (module path -> [out, in]), in checkpoint order."""
+    """Every linear (module path -> [out, in]), in checkpoint order; its format is `cfg.format_of(module)`."""
     out: dict[str, tuple[int, int]] = {}
     h, nh = cfg.hidden_size, cfg.num_attention_heads
     for i in range(cfg.num_hidden_layers):
@@ -71,8 +60,8 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, Spec]:
             # DeepSeek-V3 stores the bias in fp32; K2's dtype was not read from a real header, so accept floats.
             specs[f"{p}.mlp.gate.e_score_correction_bias"] = Spec((cfg.n_routed_experts,), ("F32", "BF16", "F16"))
     for module, shape in linear_specs(cfg).items():
-        specs[f"{module}.weight"] = Spec(shape, ("F8_E4M3",), fp8=True)
-        specs[f"{module}.weight_scale_inv"] = Spec(scale_shape(shape), ("F32",))
+        for suffix, spec in FORMATS[cfg.format_of(module)].specs(shape).items():
+            specs[f"{module}.{suffix}"] = spec
     specs["model.norm.weight"] = Spec((h,), FLOAT_DTYPES)
     if not cfg.tie_word_embeddings:
         specs["lm_head.weight"] = Spec((cfg.vocab_size, h), FLOAT_DTYPES)
@@ -93,21 +82,37 @@ def validate(ckpt: Checkpoint, cfg: ModelConfig) -> dict[str, Spec]:
     for name, spec in specs.items():
         info = ckpt.tensors.get(name)
         if info is None:
+            full = cfg.tensor_prefix + name
             if name.endswith(".weight_scale_inv"):
                 weight = ckpt.tensors.get(name[: -len("_scale_inv")])
                 where = weight.file if weight else ckpt.dir
-                raise CheckpointError(f"{where}: fp8 tensor '{name[: -len('_scale_inv')]}' has no scale '{name}'")
-            raise CheckpointError(f"{ckpt.dir}: tensor '{name}' is missing (expected {_fmt(spec)})")
+                raise CheckpointError(f"{where}: fp8 tensor '{full[: -len('_scale_inv')]}' has no scale '{full}'")
+            raise CheckpointError(f"{ckpt.dir}: tensor '{full}' is missing (expected {_fmt(spec)})")
         if info.shape != spec.shape:
             raise CheckpointError(
-                f"{info.file}: tensor '{name}' has shape {list(info.shape)}, config implies {list(spec.shape)}"
+                f"{info.file}: tensor '{info.name}' has shape {list(info.shape)}, config implies {list(spec.shape)}"
             )
         if info.dtype not in spec.dtypes:
-            raise CheckpointError(f"{info.file}: tensor '{name}' has dtype {info.dtype}, expected {_fmt(spec)}")
+            raise CheckpointError(f"{info.file}: tensor '{info.name}' has dtype {info.dtype}, expected {_fmt(spec)}")
     for name, info in ckpt.tensors.items():
         if name not in specs and not skipped(cfg, name):
-            raise CheckpointError(f"{info.file}: unexpected tensor '{name}' (not used by this config)")
+            raise CheckpointError(f"{info.file}: unexpected tensor '{info.name}' (not used by this config)")
+    _check_int4_shapes(ckpt, specs)
     return specs
+
+
+def _check_int4_shapes(ckpt: Checkpoint, specs: dict[str, Spec]) -> None:
+    """Each INT4 weight's `weight_shape` must hold the [N, K] its packed words imply (K2 has no padding)."""
+    for name, spec in specs.items():
+        if spec.kind != "int4_shape":
+            continue
+        packed = specs[name[: -len("shape")] + "packed"].shape
+        want = [packed[0], packed[1] * 8]
+        got = ckpt.get(name).tolist()
+        if got != want:
+            info = ckpt.tensors[name]
+            raise CheckpointError(f"{info.file}: tensor '{info.name}' holds {got}, "
+                                  f"but its weight_packed implies {want}")
 
 
 def _fmt(spec: Spec) -> str:

@@ -3,6 +3,7 @@
 Requests queue for the engine (one generation at a time, on one worker thread); the queue is bounded and a full
 queue answers 429. A streaming client that disconnects cancels its generation at the next token. Every error is
 a 4xx/5xx with an OpenAI-style body {"error": {"message", "type", "param", "code"}} and the server keeps serving.
+A thinking model's reasoning goes to `reasoning_content` (message and stream deltas, as vLLM and SGLang do).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .conversation import ChatSession, ContextLengthError
+from .conversation import ChatSession, ContextLengthError, ThinkingSwitchError
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -55,6 +56,8 @@ def _validate_messages(messages) -> list[dict]:
             raise ApiError(400, f"messages[{i}].content must be a string, an array of parts or null", "messages")
         if isinstance(content, list) and not all(isinstance(p, dict) for p in content):
             raise ApiError(400, f"messages[{i}].content parts must be objects", "messages")
+        if not isinstance(m.get("reasoning_content") or "", str):
+            raise ApiError(400, f"messages[{i}].reasoning_content must be a string or null", "messages")
     # OpenAI's newer "developer" role is K2's system role
     return [{**m, "role": "system"} if m["role"] == "developer" else m for m in messages]
 
@@ -73,6 +76,22 @@ def _validate_tools(tools) -> list[dict] | None:
         if "parameters" in fn and not isinstance(fn["parameters"], dict):
             raise ApiError(400, f"tools[{i}].function.parameters must be a JSON Schema object", "tools")
     return tools or None
+
+
+def _thinking(kwargs) -> bool | None:
+    """`thinking` from vLLM's `chat_template_kwargs`, the one template variable this server passes on."""
+    if kwargs is None:
+        return None
+    if not isinstance(kwargs, dict):
+        raise ApiError(400, "'chat_template_kwargs' must be an object", "chat_template_kwargs")
+    if set(kwargs) - {"thinking"}:
+        raise ApiError(400, f"'chat_template_kwargs' supports only 'thinking', got {', '.join(sorted(kwargs))}",
+                       "chat_template_kwargs")  # fmt: skip
+    thinking = kwargs.get("thinking")
+    if thinking is not None and not isinstance(thinking, bool):
+        raise ApiError(400, f"'chat_template_kwargs.thinking' must be a boolean, got {thinking!r}",
+                       "chat_template_kwargs")  # fmt: skip
+    return thinking
 
 
 def parse_request(body, model_name: str) -> dict:
@@ -108,6 +127,7 @@ def parse_request(body, model_name: str) -> dict:
         "stop": stop or [],
         "stream": stream,
         "include_usage": bool((body.get("stream_options") or {}).get("include_usage")),
+        "thinking": _thinking(body.get("chat_template_kwargs")),
     }
 
 
@@ -184,9 +204,12 @@ def create_app(server: Server) -> FastAPI:
             raise ApiError(400, f"the request body is not valid JSON: {e}") from None
         args = parse_request(body, server.model_name)
         try:  # before queueing, so a stream never starts on a request that cannot run
-            args["ids"] = server.session.check_context(args["messages"], args["tools"], args["max_tokens"])
+            args["ids"] = server.session.check_context(args["messages"], args["tools"], args["max_tokens"],
+                                                       args["thinking"])  # fmt: skip
         except ContextLengthError as e:
             raise ApiError(400, str(e), "messages", "context_length_exceeded") from None
+        except ThinkingSwitchError as e:
+            raise ApiError(400, str(e), "chat_template_kwargs") from None
         server.admit()
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -196,7 +219,7 @@ def create_app(server: Server) -> FastAPI:
         if args["stream"]:
             return StreamingResponse(_sse(events, cancel, meta, args["include_usage"]), media_type="text/event-stream")
         try:
-            return await _collect(events, meta)
+            return await _collect(events, meta, server.session.thinking)
         except asyncio.CancelledError:
             cancel.set()
             raise
@@ -204,18 +227,22 @@ def create_app(server: Server) -> FastAPI:
     return app
 
 
-async def _collect(events: asyncio.Queue, meta: dict) -> dict:
-    content, calls = [], []
+async def _collect(events: asyncio.Queue, meta: dict, thinking: bool) -> dict:
+    content, reasoning, calls = [], [], []
     while True:
         ev = await events.get()
         if isinstance(ev, ApiError):
             raise ev
         if ev.kind == "content":
             content.append(ev.text)
+        elif ev.kind == "reasoning":
+            reasoning.append(ev.text)
         elif ev.kind == "tool_call":
             calls.append(ev.tool_call.to_openai())
         else:
             message = {"role": "assistant", "content": "".join(content) or (None if calls else "")}
+            if thinking:  # a model without reasoning answers exactly as before
+                message["reasoning_content"] = "".join(reasoning) or None
             if calls:
                 message["tool_calls"] = calls
             return {**meta, "object": "chat.completion", "usage": ev.usage,
@@ -239,6 +266,8 @@ async def _sse(events: asyncio.Queue, cancel: threading.Event, meta: dict, inclu
                 break
             if ev.kind == "content":
                 yield chunk({"content": ev.text})
+            elif ev.kind == "reasoning":
+                yield chunk({"reasoning_content": ev.text})
             elif ev.kind == "tool_call":
                 call = {"index": ev.index, **ev.tool_call.to_openai()}
                 yield chunk({"tool_calls": [call]})

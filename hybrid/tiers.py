@@ -22,6 +22,7 @@ import torch
 from cpu_kernels import FIELDS, ExpertStack
 
 from .checkpoint import CheckpointError, TensorInfo
+from .formats import of_stack
 from .loader import mlp_tensor_names
 
 DECAY = 0.95  # per step: an expert unused for ~14 steps has lost half its score
@@ -31,9 +32,9 @@ class ExpertReadError(CheckpointError):
     """An expert could not be read back from its shard (vanished, truncated or corrupted file)."""
 
 
-def expert_tensor_names(layer: int, expert: int) -> list[tuple[str, str]]:
-    """(stack field, checkpoint tensor name) for the six tensors of one expert."""
-    return list(zip(FIELDS, mlp_tensor_names(f"model.layers.{layer}.mlp.experts.{expert}")))
+def expert_tensor_names(layer: int, expert: int, fmt: str = "fp8") -> list[tuple[str, str]]:
+    """(stack field, checkpoint tensor name) for the six stacked tensors of one expert in format `fmt`."""
+    return list(zip(FIELDS, mlp_tensor_names(f"model.layers.{layer}.mlp.experts.{expert}", fmt)))
 
 
 def read_tensor_into(info: TensorInfo, dst: np.ndarray) -> None:
@@ -104,11 +105,12 @@ class LayerTier:
         """template: a 1-expert stack giving shapes; infos: checkpoint tensor name -> where it lies in its shard;
         register: page-locks the slots in place (`Device.register_host`) when a GPU reads them by DMA."""
         self.layer, self.n_experts, self.slots, self.io, self.infos = layer, n_experts, slots, io, infos
+        self.format = of_stack(template)
         arrays = {}
         for f in FIELDS:
             a = np.empty((slots, *getattr(template, f).shape[1:]), getattr(template, f).dtype)
             arrays[f] = register(a) if register else a
-        self.stack = ExpertStack(**arrays)
+        self.stack = type(template)(**arrays)
         self.slot_of = np.full(n_experts, -1, np.int64)
         self.expert_in = np.full(slots, -1, np.int64)
         self.score = np.zeros(n_experts)
@@ -123,12 +125,13 @@ class LayerTier:
         return self.stack.nbytes
 
     def _read(self, expert: int, slot: int) -> None:
-        for f, name in expert_tensor_names(self.layer, expert):
+        names = dict(expert_tensor_names(self.layer, expert, self.format.name))
+        for f, name in names.items():
             read_tensor_into(self.infos[name], getattr(self.stack, f)[slot])
         for f in ("gate_s", "up_s", "down_s"):
-            s = getattr(self.stack, f)[slot]
+            s = self.format.scales(getattr(self.stack, f)[slot])
             if not (np.isfinite(s).all() and (s > 0).all()):
-                info = self.infos[dict(expert_tensor_names(self.layer, expert))[f]]
+                info = self.infos[names[f]]
                 raise ExpertReadError(f"{info.file}: tensor '{info.name}' holds non-finite or non-positive scales "
                                       "(corrupted shard?)")  # fmt: skip
         self.stats.add(bytes_read=self.stack.expert_bytes())

@@ -31,6 +31,7 @@ NAMED_SPECIALS = {
     14: ("<|tool_call_argument_begin|>", False), 15: ("<|tool_call_end|>", False), 17: ("<|im_middle|>", True),
     254: ("[UNK]", True), 255: ("[PAD]", True),
 }  # fmt: skip
+THINK_SPECIALS = {22: ("<think>", False), 23: ("</think>", False)}  # K2-Thinking / K2.5's 163606 and 163607
 
 
 def load_ranks(path: Path) -> dict[bytes, int]:

@@ -2,6 +2,8 @@
 
     python scripts/make_checkpoint.py --preset tiny --out DIR [--seed S]
     python scripts/make_checkpoint.py --preset k2-slice --layers 3 --out DIR
+    python scripts/make_checkpoint.py --preset tiny --format int4 --out DIR             # K2-Thinking's layout
+    python scripts/make_checkpoint.py --preset tiny --format int4 --layout k25 --out DIR  # K2.5's nested layout
     python scripts/make_checkpoint.py --config my_config.json --out DIR
 """
 
@@ -27,13 +29,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layers", type=int, help="number of layers (first dense); default: the preset's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-mb", type=float, default=4096, help="shard size limit in MB (default 4096)")
+    p.add_argument("--format", choices=("fp8", "int4"), default="fp8",
+                   help="fp8: K2-Instruct (block-fp8); int4: K2-Thinking (INT4 routed experts, bf16 rest)")
+    p.add_argument("--layout", choices=("flat", "k25"), default="flat",
+                   help="k25: kimi_k25's nested multimodal layout (INT4; vision tensors the runtime skips)")
     args = p.parse_args(argv)
     if args.config:
         config = json.loads(args.config.read_text())
         if args.layers:
             config["num_hidden_layers"] = args.layers
     else:
-        config = synthetic_config(args.preset, layers=args.layers)
+        config = synthetic_config(args.preset, layers=args.layers, fmt=args.format, layout=args.layout)
     out = write_checkpoint(args.out, config, seed=args.seed, shard_bytes=int(args.shard_mb * 1e6))
     print(f"wrote {out}")
 

@@ -67,3 +67,15 @@ def checkpoint_factory(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny(checkpoint_factory) -> Path:
     return checkpoint_factory("tiny")
+
+
+@pytest.fixture(scope="session")
+def thinking_model(tmp_path_factory) -> Path:
+    """A K2.5-style thinking checkpoint (THINKING_CHAT_TEMPLATE, <think> specials) scripted to reason, answer and
+    call a tool: from the generation prompt's <think> on, its greedy output is the script below (tests/scripted.py)."""
+    from scripted import ANSWER, REASONING, TOOL_CALL, write_scripted
+
+    from hybrid.chat import THINKING_CHAT_TEMPLATE
+
+    script = f"<think>{REASONING}</think>{ANSWER}{TOOL_CALL}<|im_end|>"
+    return write_scripted(tmp_path_factory.mktemp("thinking"), script, THINKING_CHAT_TEMPLATE)

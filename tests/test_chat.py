@@ -1,9 +1,15 @@
-"""K2 chat rendering (built-in vs the template rendered as transformers renders it) and tool-call parsing."""
+"""K2 chat rendering (built-in vs the template rendered as transformers renders it), tool-call parsing, and the
+reasoning of thinking models (the thinking template, the reasoning/content split, streamed and whole)."""
 
 import pytest
+from scripted import ANSWER, CALL_ID, REASONING, TOOL_CALL
+from scripted import WEATHER as SCRIPTED_TOOL
+from scripted import write_scripted
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from hybrid.chat import CHAT_TEMPLATE, deep_sort, load_template, parse_tool_calls, render_builtin, render_template
+from hybrid.chat import (CHAT_TEMPLATE, THINKING_CHAT_TEMPLATE, ReasoningSplitter, deep_sort, has_thinking_switch,
+                         load_template, parse_tool_calls, render_builtin, render_template, split_reasoning)  # fmt: skip
+from hybrid.conversation import ChatSession, ThinkingSwitchError
 from hybrid.tokenizer import Tokenizer
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Get weather",
@@ -90,3 +96,119 @@ def test_parse_single_and_parallel_calls():
 ])  # fmt: skip
 def test_malformed_sections_come_back_as_text(text):
     assert parse_tool_calls(text) == (text, [])
+
+
+# The thinking template: K2.5's shape (hybrid/chat.py says which choices it makes and why).
+THINKING_TURNS = [
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello.", "reasoning_content": "greet back"},  # answered: reasoning dropped
+    {"role": "user", "content": "Weather in Beijing?"},
+    {"role": "assistant", "content": "", "reasoning_content": "need the tool", "tool_calls": [CALL]},  # in progress
+    {"role": "tool", "tool_call_id": "functions.get_weather:0", "content": "Sunny"},
+]
+
+
+@pytest.mark.parametrize("name", CONVERSATIONS)
+@pytest.mark.parametrize("thinking", [None, True, False])
+def test_thinking_template_renders_as_transformers_does(name, thinking):
+    messages, tools = CONVERSATIONS[name]
+    variables = {} if thinking is None else {"thinking": thinking}
+    ours = render_template(THINKING_CHAT_TEMPLATE, messages, tools, **variables)
+    sorted_tools = None if tools is None else deep_sort(tools)
+    theirs = render_jinja_template([messages], tools=sorted_tools, chat_template=THINKING_CHAT_TEMPLATE,
+                                   add_generation_prompt=True, **variables)[0][0]  # fmt: skip
+    assert ours == theirs
+    if not any(m["role"] == "assistant" for m in messages):  # messages and tools exactly as the K2 template has them
+        assert render_template(THINKING_CHAT_TEMPLATE, messages, tools, False) == render_builtin(messages, tools, False)
+
+
+def test_thinking_template_turns_and_switch():
+    on = render_template(THINKING_CHAT_TEMPLATE, THINKING_TURNS)
+    assert on.endswith("<|im_assistant|>assistant<|im_middle|><think>")  # the output starts inside the reasoning
+    assert "<|im_middle|><think></think>Hello.<|im_end|>" in on and "greet back" not in on
+    assert "<|im_middle|><think>need the tool</think><|tool_calls_section_begin|>" in on
+    off = render_template(THINKING_CHAT_TEMPLATE, THINKING_TURNS, thinking=False)
+    assert off.endswith("<|im_assistant|>assistant<|im_middle|><think></think>") and "need the tool" not in off
+    assert render_template(THINKING_CHAT_TEMPLATE, THINKING_TURNS, thinking=True) == on
+
+
+@pytest.mark.parametrize("template, switch", [
+    (THINKING_CHAT_TEMPLATE, True),
+    (CHAT_TEMPLATE, False),
+    ("{%- if thinking is defined and thinking is false -%}<think></think>{%- else -%}<think>{%- endif -%}", True),
+    ("{{ '<think>' if thinking }}", True),
+    ("<|im_middle|><think></think>{{ content }}{# no thinking variable here #}", False),
+    ("{%- if preserve_thinking -%}{%- endif -%}", False),
+    (None, False),
+])  # fmt: skip
+def test_thinking_switch_is_read_from_the_template(template, switch):
+    assert has_thinking_switch(template) is switch
+
+
+SPLITS = [  # (text, the prompt opened the think block, reasoning, content)
+    ("Just an answer.", False, "", "Just an answer."),
+    ("  <think>plan</think>\n\nAnswer", False, "plan", "Answer"),
+    ("plan</think>Answer", True, "plan", "Answer"),
+    ("plan, cut by max_tokens", True, "plan, cut by max_tokens", ""),
+    ("<think>plan, cut</thi", False, "plan, cut</thi", ""),
+    ("Answer <think>not reasoning</think>", False, "", "Answer <think>not reasoning</think>"),
+    ("<thin", False, "", "<thin"),
+    ("  ", False, "", "  "),
+    ("", True, "", ""),
+    ("<think>a < b</think>x<y", False, "a < b", "x<y"),
+    (f"plan{TOOL_CALL}", True, "plan", TOOL_CALL),  # tool calls inside the reasoning end it
+    (f"<think>plan</think> {TOOL_CALL}", False, "plan", TOOL_CALL),
+    (f"plan</think>Let me check.{TOOL_CALL}", True, "plan", f"Let me check.{TOOL_CALL}"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("text, in_think, reasoning, content", SPLITS)
+def test_split_reasoning(text, in_think, reasoning, content):
+    assert split_reasoning(text, in_think) == (reasoning, content)
+    if TOOL_CALL in content:  # the tool calls still parse from the content
+        assert [c.id for c in parse_tool_calls(content)[1]] == [CALL_ID]
+
+
+def _streamed(pieces, in_think):
+    splitter, reasoning, content = ReasoningSplitter(in_think), "", ""
+    for piece in pieces:
+        r, c = splitter.feed(piece)
+        reasoning, content = reasoning + r, content + c
+    r, c = splitter.finish()
+    return reasoning + r, content + c
+
+
+@pytest.mark.parametrize("text, in_think", [(t, i) for t, i, _, _ in SPLITS] + [
+    (" \n<think>\nstep one\n</think>\n\n  The answer.", False),
+    ("<think>x</think></think><think>", False),
+])  # fmt: skip
+def test_streamed_split_equals_the_whole_split_at_every_cut(text, in_think):
+    """Cut at every pair of places (every single cut included): the deltas add up to the split of the whole
+    text, so no tag text, whole or partial, ever leaks into either field."""
+    whole = split_reasoning(text, in_think)
+    for i in range(len(text) + 1):
+        for j in range(i, len(text) + 1):
+            assert _streamed([text[:i], text[i:j], text[j:]], in_think) == whole, (i, j)
+    assert _streamed(list(text), in_think) == whole
+
+
+def test_a_model_that_opens_its_own_think_block(tmp_path):
+    """K2-Thinking's shape: the template has no switch and leaves <think> to the model, whose tool calls come
+    inside the reasoning (no </think>): the engine's own tokens, split as they stream."""
+    path = write_scripted(tmp_path, f"<|im_middle|><think>{REASONING}{TOOL_CALL}<|im_end|>", CHAT_TEMPLATE)
+    session = ChatSession.open(path, max_context=512, progress=False)
+    assert session.thinking and not session.thinking_switch
+    ask = [{"role": "user", "content": "Weather in Beijing?"}]
+    r = session.complete(ask, [SCRIPTED_TOOL], max_tokens=64, thinking=True)  # what it does anyway: fine
+    assert (r.reasoning, r.content, r.finish_reason) == (REASONING, "", "tool_calls")
+    assert [c.id for c in r.tool_calls] == [CALL_ID]
+    with pytest.raises(ThinkingSwitchError, match="no thinking switch"):
+        session.complete(ask, thinking=False)
+
+
+def test_a_thinking_model_answers_inside_the_opened_block(thinking_model):
+    session = ChatSession.open(thinking_model, max_context=512, progress=False)
+    r = session.complete([{"role": "user", "content": "Hi"}], max_tokens=64)
+    assert (r.reasoning, r.content, [c.id for c in r.tool_calls]) == (REASONING, ANSWER, [CALL_ID])
+    off = session.complete([{"role": "user", "content": "Hi"}], max_tokens=64, thinking=False)
+    assert (off.reasoning, off.content) == ("", ANSWER)

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from scripted import ANSWER, ARGUMENTS, REASONING
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,6 +69,8 @@ def test_a_chat_session(term):
     assert re.search(r"\[2 messages, \d+ prompt tokens of \d+", term.read_until(r">>> "))
     term.type('"""\nfirst line\nsecond line\n"""\n')  # a multi-line message
     term.read_until(r"tokens/s, length\]\n>>> ")
+    term.type("/think off\n")
+    assert "[this model's chat template has no thinking switch]" in term.read_until(r">>> ")
     term.type("/system Be brief.\n")
     assert "[system prompt set; conversation cleared]" in term.read_until(r">>> ")
     term.type("/reset\n")
@@ -110,5 +113,25 @@ def test_a_message_over_the_context_is_refused_and_the_chat_goes_on(tiny):
         t.read_until(r"\[8 tokens, [0-9.]+ tokens/s, length\]\n>>> ")
         t.type("/stats\n")
         assert "2 messages" in t.read_until(r">>> ")  # the refused message was not kept
+    finally:
+        t.close()
+
+
+def test_reasoning_is_dimmed_and_think_switches_it_off(thinking_model):
+    t = Terminal(["-m", "hybrid.cli", "chat", "--model", str(thinking_model), "--temperature", "0"])
+    try:
+        t.read_until(r">>> ")
+        t.type("Weather in Beijing?\n")
+        answer = t.read_until(r"tool_calls\]\n>>> ")
+        assert "".join(re.findall(r"\x1b\[2m(.*?)\x1b\[0m", answer)) == REASONING  # every piece of it dimmed
+        plain = re.sub(r"\x1b\[[0-9]*m", "", answer)
+        assert f"{REASONING}\n{ANSWER}\n[tool call weather({ARGUMENTS})]" in plain
+        t.type("/think off\n")
+        assert "[thinking off]" in t.read_until(r">>> ")
+        t.type("And now?\n")
+        answer = t.read_until(r"tool_calls\]\n>>> ")
+        assert "\x1b[2m" not in answer and f"And now?\n{ANSWER}\n[tool call" in answer
+        t.type("/think maybe\n")
+        assert "[usage: /think on|off]" in t.read_until(r">>> ")
     finally:
         t.close()

@@ -9,6 +9,7 @@ from conftest import relative_error as logit_error
 from test_cpu_kernels import make_stack, relative_error, route
 
 from cpu_kernels import reference_moe
+from cpu_kernels.int4 import reference_moe_int4
 from hybrid import Engine
 from hybrid.config import ModelConfig
 from hybrid.cpu_experts import ExpertWorker, expert_flops
@@ -24,6 +25,16 @@ GPU_TOL = 2e-2  # logits of the GPU path (bf16 KV cache) against the CPU fp32 pa
 @pytest.fixture(scope="module")
 def stack():
     return make_stack(E=12, hidden=384, inter=256, seed=3)
+
+
+@pytest.fixture(scope="module", params=["fp8", "int4"])
+def any_stack(request, stack):
+    """Both expert formats, with their float64 references: the GPU paths take the format from the stack."""
+    if request.param == "fp8":
+        return stack, reference_moe
+    from test_int4_kernels import make_stack as make_int4_stack
+
+    return make_int4_stack(E=12, hidden=384, inter=256, seed=3), reference_moe_int4
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["thread", "inline"])
@@ -135,7 +146,8 @@ def test_gpu_decode_steps_match_the_cpu_engine_step_by_step(tiny, gpu_engine):
     assert logit_error(prefill_then_decode_logits(gpu_engine, ids, 30), cpu.logits(ids)) <= GPU_TOL
 
 
-def test_gpu_streamed_experts_and_worker_match_the_reference(stack, gpu):
+def test_gpu_streamed_experts_and_worker_match_the_reference(any_stack, gpu):
+    stack, reference_moe = any_stack
     x, ids, weights = inputs(96, 11)
     args = tuple(gpu.to(torch.from_numpy(a)) for a in (x, ids, weights))
     streamed = StreamedExperts(stack, gpu)(*args).cpu().numpy()
@@ -174,8 +186,9 @@ def test_synthetic_weights_made_in_memory_equal_the_written_checkpoint(tiny):
     assert torch.equal(in_memory.logits(ids), on_disk.logits(ids))
 
 
-def test_gpu_cache_computes_hot_experts_and_keeps_the_numbers(stack, gpu):
+def test_gpu_cache_computes_hot_experts_and_keeps_the_numbers(any_stack, gpu):
     """Admission by score, split of assignments between the GPU and the CPU worker, same outputs."""
+    stack, reference_moe = any_stack
     from hybrid.gpu_cache import GpuExpertCache
 
     cache = GpuExpertCache(stack, 12, slots=3, device=gpu)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import openai
 import pytest
+from scripted import ANSWER, ARGUMENTS, CALL_ID, REASONING, WEATHER
 
 try:  # the HTTP client the openai package itself uses
     import httpx2 as httpx
@@ -143,6 +144,10 @@ def post(server, body, key=KEY, raw=None):
         ({"model": MODEL, "messages": HELLO, "tools": [{"type": "function", "function": {"description": "x"}}]},
          None, 400, "tools"),
         ({"model": MODEL, "messages": HELLO, "stop": [3]}, None, 400, "stop"),
+        ({"model": MODEL, "messages": [{"role": "assistant", "content": "x", "reasoning_content": 5}]},
+         None, 400, "messages"),
+        ({"model": MODEL, "messages": HELLO, "chat_template_kwargs": {"thinking": True}},
+         None, 400, "chat_template_kwargs"),  # this model's template cannot think
     ],
 )  # fmt: skip
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, client, body, raw, status, param):
@@ -203,3 +208,71 @@ def test_a_full_queue_answers_429_and_a_disconnect_frees_its_slot(one_slot_serve
     client = openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
     ok = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, temperature=0)
     assert ok.choices[0].finish_reason == "length"
+
+
+def test_a_model_without_reasoning_answers_as_before(server):
+    plain = post(server, {"model": MODEL, "messages": HELLO, "max_tokens": 6, "temperature": 0}).json()
+    assert "reasoning_content" not in plain["choices"][0]["message"]
+    off = {"model": MODEL, "messages": HELLO, "max_tokens": 6, "temperature": 0,
+           "chat_template_kwargs": {"thinking": False}}
+    assert post(server, off).json()["choices"] == plain["choices"]  # what it does anyway: accepted, no change
+
+
+# A thinking model (K2.5's template shape), scripted: from the prompt's <think> it reasons, answers, calls a tool.
+ASK = [{"role": "user", "content": "Weather in Beijing?"}]
+THINKING_OFF = {"chat_template_kwargs": {"thinking": False}}
+
+
+@pytest.fixture(scope="module")
+def thinker(thinking_model):
+    proc, base = start_server(thinking_model, max_queue=4, max_context=1024, model_name="thinker")
+    yield base, openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=120)
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def ask_thinker(client, **kwargs):
+    return client.chat.completions.create(model="thinker", messages=ASK, tools=[WEATHER], temperature=0, **kwargs)
+
+
+def test_reasoning_content_is_apart_from_content_and_tool_calls(thinker):
+    r = ask_thinker(thinker[1])
+    m = r.choices[0].message
+    assert (m.reasoning_content, m.content, r.choices[0].finish_reason) == (REASONING, ANSWER, "tool_calls")
+    assert [(c.id, c.function.name, c.function.arguments) for c in m.tool_calls] == [(CALL_ID, "weather", ARGUMENTS)]
+    # the tool-call step goes back as clients send it, reasoning_content included, and the chat goes on
+    tool = {"role": "tool", "tool_call_id": CALL_ID, "content": "Sunny"}
+    again = thinker[1].chat.completions.create(model="thinker", messages=ASK + [m.model_dump(exclude_none=True), tool],
+                                               tools=[WEATHER], temperature=0)  # fmt: skip
+    assert again.choices[0].message.reasoning_content == REASONING
+
+
+def test_streamed_reasoning_comes_as_reasoning_content_deltas(thinker):
+    deltas = [c.choices[0].delta for c in ask_thinker(thinker[1], stream=True) if c.choices]
+    kinds = [("reasoning" if getattr(d, "reasoning_content", None) else "content" if d.content else "tool")
+             for d in deltas[1:-1]]  # fmt: skip
+    assert kinds == sorted(kinds, key=["reasoning", "content", "tool"].index)  # reasoning, answer, tool call
+    assert kinds.count("reasoning") > 1  # streamed as generated, not at the end
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == REASONING
+    assert "".join(d.content or "" for d in deltas) == ANSWER
+    assert [c.id for d in deltas for c in d.tool_calls or []] == [CALL_ID]
+
+
+def test_thinking_off_through_chat_template_kwargs(thinker):
+    m = ask_thinker(thinker[1], extra_body=THINKING_OFF).choices[0].message
+    assert (m.reasoning_content, m.content, [c.id for c in m.tool_calls]) == (None, ANSWER, [CALL_ID])
+    streamed = [c.choices[0].delta for c in ask_thinker(thinker[1], stream=True, extra_body=THINKING_OFF) if c.choices]
+    assert not any(getattr(d, "reasoning_content", None) for d in streamed)
+    assert "".join(d.content or "" for d in streamed) == ANSWER
+
+
+def test_reasoning_cut_by_max_tokens_is_all_reasoning(thinker):
+    r = ask_thinker(thinker[1], max_tokens=3)
+    m = r.choices[0].message
+    assert (m.reasoning_content, m.content, r.choices[0].finish_reason) == ("The quick brown", "", "length")
+
+
+@pytest.mark.parametrize("kwargs", ["thinking", {"thinking": "off"}, {"enable_thinking": False}, [False]])
+def test_bad_chat_template_kwargs(thinker, kwargs):
+    r = post(thinker[0], {"model": "thinker", "messages": ASK, "chat_template_kwargs": kwargs})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template_kwargs", r.text
