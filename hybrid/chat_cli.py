@@ -77,6 +77,8 @@ class ChatLoop:
                        f"last answer: {self.last or 'none'}]")  # fmt: skip
             if self.session.engine.tier_report():
                 self.print(f"[experts: {self.session.engine.tier_report()}]")
+            if self.session.engine.prefix_cache is not None:
+                self.print(f"[{self.session.engine.prefix_cache.report()}]")
         else:
             self.print(HELP)
         return True

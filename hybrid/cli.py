@@ -37,6 +37,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
           f"decode {decode_tps:.1f} tokens/s]", file=sys.stderr)  # fmt: skip
     if engine.tier_report():
         print(f"[{engine.tier_report()}]", file=sys.stderr)
+    if engine.last_cached_tokens:
+        print(f"[{engine.last_cached_tokens} prompt tokens from the prefix cache]", file=sys.stderr)
+    engine.close_prefix_cache()  # with --prefix-cache-dir, the next run starts warm
     return 0
 
 
@@ -82,11 +85,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
     tools = json.loads(Path(args.tools).read_text()) if args.tools else None
     session = ChatSession.open(args.model, max_context=args.max_context, **_engine_options(args))
     _print_plan_notes(session.engine)
-    return ChatLoop(session, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                    tools=tools).run()  # fmt: skip
+    try:
+        return ChatLoop(session, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                        tools=tools).run()  # fmt: skip
+    finally:
+        session.engine.close_prefix_cache()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
     import uvicorn
 
     from .conversation import ChatSession
@@ -97,7 +105,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(Server(session, name, api_key=args.api_key, max_queue=args.max_queue))
     print(f"serving '{name}' on http://{args.host}:{args.port}/v1 (context {session.max_context})", file=sys.stderr)
     _print_plan_notes(session.engine)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        session.engine.close_prefix_cache()
     return 0
 
 
@@ -107,6 +119,9 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host-mem", help="host RAM budget, e.g. 500GiB (default: what is available); below the "
                         "routed experts' size the rest are read from the checkpoint when needed")  # fmt: skip
     _add_gpu_weights_option(parser)
+    parser.add_argument("--prefix-cache-mem", help="host RAM for the latents of earlier requests, reused by requests "
+                        "that start the same way (default: half the RAM the plan leaves free, at most 16GiB; 0: off)")
+    parser.add_argument("--prefix-cache-dir", help="also keep cached prefixes in this directory across restarts")
 
 
 def _add_gpu_weights_option(parser: argparse.ArgumentParser) -> None:
@@ -122,7 +137,8 @@ def _print_plan_notes(engine) -> None:
 
 
 def _engine_options(args: argparse.Namespace) -> dict:
-    return {"device": args.device, "gpu_mem": args.gpu_mem, "host_mem": args.host_mem, "gpu_weights": args.gpu_weights}
+    return {"device": args.device, "gpu_mem": args.gpu_mem, "host_mem": args.host_mem, "gpu_weights": args.gpu_weights,
+            "prefix_cache_mem": args.prefix_cache_mem, "prefix_cache_dir": args.prefix_cache_dir}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,7 +61,8 @@ class ChatSession:
     @classmethod
     def open(cls, path: str | Path, max_context: int | None = None, progress: bool = True,
              **engine_options) -> "ChatSession":  # fmt: skip
-        """engine_options: device, gpu_mem, host_mem (see Engine.from_pretrained)."""
+        """engine_options: device, gpu_mem, host_mem, gpu_weights, prefix_cache_mem, prefix_cache_dir (see
+        Engine.from_pretrained)."""
         engine = Engine.from_pretrained(path, progress=progress, max_context=max_context, **engine_options)
         limit = max_context or min(engine.max_context, 8192)
         return cls(engine, Tokenizer(path), load_template(path), limit)
@@ -158,7 +159,8 @@ class ChatSession:
             yield Event("content", text=self.tokenizer.decode(section))
         if calls_sent and finish != "cancelled":
             finish = "tool_calls"
-        usage = {"prompt_tokens": len(ids), "completion_tokens": count, "total_tokens": len(ids) + count}
+        usage = {"prompt_tokens": len(ids), "completion_tokens": count, "total_tokens": len(ids) + count,
+                 "prompt_tokens_details": {"cached_tokens": self.engine.last_cached_tokens if count else 0}}
         yield Event("done", finish_reason=finish, usage=usage)
 
     def complete(self, messages: list[dict], tools: list[dict] | None = None, max_tokens: int = 512,

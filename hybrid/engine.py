@@ -20,6 +20,8 @@ from .loader import TensorSource, assemble
 from .model import KVCache, LoopExperts, MoE, Transformer
 from .placement import Plan, PlanError, gpu_cache_slots, parse_bytes, plan
 from .prefetch import Prefetcher
+from .prefix_cache import PrefixCache
+from .prefix_store import PrefixStore, model_identity
 from .schema import validate
 
 
@@ -63,13 +65,16 @@ class Engine:
         self.tiers: dict = {}  # MoE layer -> its LayerTier, when host RAM holds only some experts
         self.prefetcher: Prefetcher | None = None
         self.gpu_cache_slots = 0  # hot experts per MoE layer kept in VRAM
+        self.prefix_cache: PrefixCache | None = None  # latents of earlier requests (enable_prefix_cache)
+        self.last_cached_tokens = 0  # prompt tokens the last generate() took from the prefix cache
         if worker is not None:
             weakref.finalize(self, worker.close)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu", gpu_mem: int | str | None = None,
                         host_mem: int | str | None = None, max_context: int | None = None, progress: bool = True,
-                        experts: str = "cpu", gpu_weights: str = "bf16") -> "Engine":  # fmt: skip
+                        experts: str = "cpu", gpu_weights: str = "bf16", prefix_cache_mem: int | str | None = None,
+                        prefix_cache_dir: str | Path | None = None) -> "Engine":  # fmt: skip
         """Open a checkpoint directory (config.json + safetensors) after validating every tensor against the config.
 
         device "cuda": attention, dense layer, shared experts, router, norms, lm_head and the KV cache on the GPU
@@ -79,6 +84,7 @@ class Engine:
         experts: "cpu" (the Numba kernels) or "reference" (a plain per-expert torch loop, for debugging).
         gpu_weights "fp8": bf16 linears outside the routed experts (INT4 checkpoints) are requantized to block-fp8
         at load, for cards that cannot hold them in bf16.
+        prefix_cache_mem / prefix_cache_dir: see enable_prefix_cache (on by default; 0 turns it off).
         """
         path = Path(path)
         cfg = ModelConfig.from_file(path)
@@ -88,8 +94,10 @@ class Engine:
                   "text only for now", file=sys.stderr)  # fmt: skip
         validate(ckpt, cfg)
         dtypes = {name: info.dtype for name, info in ckpt.tensors.items()}
-        return cls.from_tensors(cfg, ckpt, device, gpu_mem, host_mem, max_context, progress, experts, dtypes, path,
-                                gpu_weights)  # fmt: skip
+        engine = cls.from_tensors(cfg, ckpt, device, gpu_mem, host_mem, max_context, progress, experts, dtypes, path,
+                                  gpu_weights)  # fmt: skip
+        engine.enable_prefix_cache(prefix_cache_mem, prefix_cache_dir)
+        return engine
 
     @classmethod
     def from_tensors(cls, cfg: ModelConfig, source: TensorSource, device: str = "cpu",
@@ -191,12 +199,33 @@ class Engine:
     def _cache(self, tokens: int) -> KVCache:
         return KVCache(self.cfg, tokens, self.kv_dtype, torch.zeros if self.gpu is None else self.gpu.zeros)
 
-    def _prefill(self, t: torch.Tensor, cache: KVCache, last_only: bool) -> torch.Tensor:
+    def _prefill(self, t: torch.Tensor, cache: KVCache, last_only: bool, offset: int = 0) -> torch.Tensor:
+        """Forward tokens t at positions offset.. (the cache holds positions before offset)."""
         outs = []
         for start in range(0, len(t), self.PREFILL_CHUNK):
             chunk = t[start : start + self.PREFILL_CHUNK]
-            outs.append(self.model.forward(chunk, start, cache, last_only=last_only).float().cpu())
+            outs.append(self.model.forward(chunk, offset + start, cache, last_only=last_only).float().cpu())
         return outs[-1] if last_only else torch.cat(outs)
+
+    def enable_prefix_cache(self, mem: int | str | None = None, directory: str | Path | None = None) -> None:
+        """Keep the latents of finished requests (host RAM, `mem` bytes; default half the RAM the plan leaves
+        free, at most 16 GiB; 0 disables) so generate() prefills only what is new; with `directory`, evicted and
+        (at close_prefix_cache) remaining prefixes go to disk and are read back after a restart."""
+        budget = parse_bytes(mem) if mem is not None else _default_prefix_budget(self.plan)
+        if budget <= 0:
+            self.prefix_cache = None
+            return
+        store = None
+        if directory is not None:
+            if self.path is None:
+                raise ValueError("a prefix-cache directory needs a checkpoint path (the model's identity)")
+            store = PrefixStore(directory, model_identity(self.path, self.kv_dtype))
+        self.prefix_cache = PrefixCache(budget, store)
+
+    def close_prefix_cache(self) -> None:
+        """Write what the prefix cache holds to its directory (a no-op without one)."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.close()
 
     def logits(self, ids: list[int]) -> torch.Tensor:
         """Full causal forward: float32 logits [len(ids), vocab_size] on the CPU."""
@@ -211,16 +240,44 @@ class Engine:
             return
         stop = set(stop_ids)
         generator = None if seed is None else torch.Generator().manual_seed(seed)
-        cache = self._cache(len(ids) + max_new_tokens)
-        logits = self._prefill(t, cache, last_only=True)[0]
-        pos = len(ids)
-        for i in range(max_new_tokens):
-            token = sample(logits, temperature, top_p, generator)
-            yield token
-            if token in stop or i == max_new_tokens - 1:
-                return
-            logits = self.model.forward(torch.tensor([token]), pos, cache, last_only=True)[0].float().cpu()
-            pos += 1
+        cache, logits = self._start(ids, t, len(ids) + max_new_tokens)
+        fed = list(ids)  # tokens whose latents the cache holds
+        try:
+            pos = len(ids)
+            for i in range(max_new_tokens):
+                token = sample(logits, temperature, top_p, generator)
+                yield token
+                if token in stop or i == max_new_tokens - 1:
+                    return
+                logits = self.model.forward(torch.tensor([token]), pos, cache, last_only=True)[0].float().cpu()
+                fed.append(token)
+                pos += 1
+        finally:
+            self._remember(fed, cache)
+
+    def next_token_logits(self, ids: list[int]) -> torch.Tensor:
+        """float32 logits [vocab_size] of the token after ids, reusing (and then extending) the prefix cache."""
+        t = self._check_ids(ids)
+        cache, logits = self._start(ids, t, len(ids))
+        self._remember(list(ids), cache)
+        return logits
+
+    def _start(self, ids: list[int], t: torch.Tensor, capacity: int) -> tuple[KVCache, torch.Tensor]:
+        """A cache holding the prompt's latents and the logits after it: the longest cached prefix is copied in
+        (never the last token: its logits are needed), the rest prefilled."""
+        cache = self._cache(capacity)
+        reused = self.prefix_cache.match(ids, cache, len(ids) - 1) if self.prefix_cache is not None else 0
+        self.last_cached_tokens = reused
+        return cache, self._prefill(t[reused:], cache, last_only=True, offset=reused)[0]
+
+    def _remember(self, ids: list[int], cache: KVCache) -> None:
+        if self.prefix_cache is not None:
+            self.prefix_cache.insert(ids, cache)
+
+
+def _default_prefix_budget(p: Plan | None) -> int:
+    free = p.host_budget - p.bytes_on("host") if p is not None else 0
+    return int(min(max(0, free) // 2, 16 * 2**30))
 
 
 def _hybrid_factory(source: TensorSource, worker: ExpertWorker, dev, slots: int, cache_slots: int, n_moe: int):

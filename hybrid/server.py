@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 import uuid
@@ -20,6 +21,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .conversation import ChatSession, ContextLengthError, ThinkingSwitchError
+
+log = logging.getLogger("hybrid.server")
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -159,10 +162,20 @@ class Server:
             kwargs = {k: args[k] for k in ("max_tokens", "temperature", "top_p", "seed", "stop")}
             for ev in self.session.stream(args["ids"], cancel=cancel, **kwargs):
                 sink(ev)
+                if ev.kind == "done":
+                    self._log(ev)
         except Exception as e:  # a failing request must not take the server down
             sink(ApiError(500, f"generation failed: {e}", kind="server_error"))
         finally:
             self.release()
+
+
+    def _log(self, done) -> None:
+        u = done.usage
+        cache = self.session.engine.prefix_cache
+        log.info("request: %d prompt tokens (%d from the prefix cache), %d generated, %s%s", u["prompt_tokens"],
+                 u["prompt_tokens_details"]["cached_tokens"], u["completion_tokens"], done.finish_reason,
+                 f"; {cache.report()}" if cache is not None else "")  # fmt: skip
 
 
 def _completion_id() -> str:

@@ -69,6 +69,9 @@ def test_a_chat_session(term):
     assert re.search(r"\[2 messages, \d+ prompt tokens of \d+", term.read_until(r">>> "))
     term.type('"""\nfirst line\nsecond line\n"""\n')  # a multi-line message
     term.read_until(r"tokens/s, length\]\n>>> ")
+    term.type("/stats\n")  # the second turn prefilled only the new message: the first turn's tokens were reused
+    hit = re.search(r"prefix cache: ([0-9,]+) of ([0-9,]+) prompt tokens reused", term.read_until(r">>> "))
+    assert hit and int(hit.group(1).replace(",", "")) > 20
     term.type("/think off\n")
     assert "[this model's chat template has no thinking switch]" in term.read_until(r">>> ")
     term.type("/system Be brief.\n")

@@ -276,3 +276,30 @@ def test_reasoning_cut_by_max_tokens_is_all_reasoning(thinker):
 def test_bad_chat_template_kwargs(thinker, kwargs):
     r = post(thinker[0], {"model": "thinker", "messages": ASK, "chat_template_kwargs": kwargs})
     assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template_kwargs", r.text
+
+
+def test_cached_tokens_for_a_multi_turn_exchange(tiny, local):
+    """A fresh server: turn 1 reuses nothing; turn 2 reuses what turn 1 prompted and generated, up to where the
+    re-rendered history differs, and says so in usage.prompt_tokens_details (message and final stream chunk)."""
+    proc, base = start_server(tiny, max_queue=2, max_context=512)
+    try:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=120)
+        turn1 = [{"role": "system", "content": "You keep a ledger."}, *HELLO]
+        r1 = client.chat.completions.create(model=MODEL, messages=turn1, max_tokens=10, temperature=0)
+        assert r1.usage.prompt_tokens_details.cached_tokens == 0
+        p1 = local.prompt_ids(turn1)
+        generated = list(local.engine.generate(p1, 10, stop_ids=local.stop_ids))
+        turn2 = [*turn1, {"role": "assistant", "content": r1.choices[0].message.content},
+                 {"role": "user", "content": "And tomorrow?"}]  # fmt: skip
+        p2, held = local.prompt_ids(turn2), p1 + generated[:-1]  # the last generated token never ran
+        shared = next((i for i, (a, b) in enumerate(zip(p2, held)) if a != b), min(len(p2), len(held)))
+        assert shared >= len(p1)
+        stream = client.chat.completions.create(model=MODEL, messages=turn2, max_tokens=4, temperature=0, stream=True,
+                                                stream_options={"include_usage": True})  # fmt: skip
+        assert list(stream)[-1].usage.prompt_tokens_details.cached_tokens == shared
+        r3 = client.chat.completions.create(model=MODEL, messages=turn2, max_tokens=4, temperature=0)
+        assert r3.usage.prompt_tokens_details.cached_tokens == len(p2) - 1  # the same prompt again
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert "from the prefix cache" in out  # the server's log line
