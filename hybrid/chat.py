@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 DEFAULT_SYSTEM = "You are Kimi, an AI assistant created by Moonshot AI."
 MEDIA = "<|media_start|>image<|media_content|><|media_pad|><|media_end|>"
@@ -146,11 +148,13 @@ def _content(message: dict) -> str:
     return ""
 
 
-def render_builtin(messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True) -> str:
+def render_builtin(messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True, *,
+                   sort_tools: bool = True) -> str:  # fmt: skip
     """The prompt for `messages`, identical to rendering CHAT_TEMPLATE; tools are deep-sorted first."""
     out = []
     if tools:
-        out.append(f"<|im_system|>tool_declare<|im_middle|>{json.dumps(deep_sort(tools), ensure_ascii=False, separators=(',', ':'))}<|im_end|>")  # noqa: E501
+        tools = deep_sort(tools) if sort_tools else tools
+        out.append(f"<|im_system|>tool_declare<|im_middle|>{json.dumps(tools, ensure_ascii=False, separators=(',', ':'))}<|im_end|>")  # noqa: E501
     for i, m in enumerate(messages):
         role = m.get("role")
         if role is None:
@@ -178,7 +182,7 @@ def render_builtin(messages: list[dict], tools: list[dict] | None = None, add_ge
 
 
 def render_template(template: str, messages: list[dict], tools: list[dict] | None = None,
-                    add_generation_prompt: bool = True, **variables) -> str:  # fmt: skip
+                    add_generation_prompt: bool = True, *, sort_tools: bool = True, **variables) -> str:  # fmt: skip
     """Render a checkpoint's own Jinja chat template the way transformers does (sandboxed, its `tojson`);
     `variables` are extra template variables (vLLM's chat_template_kwargs, e.g. thinking=False)."""
     from jinja2.ext import loopcontrols
@@ -190,9 +194,107 @@ def render_template(template: str, messages: list[dict], tools: list[dict] | Non
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
     env.filters["tojson"] = tojson
-    tools = deep_sort(tools) if tools else None
+    tools = (deep_sort(tools) if sort_tools else tools) if tools else None
     return env.from_string(template).render(**variables, messages=messages, tools=tools,
                                             add_generation_prompt=add_generation_prompt)
+
+
+def render_prompt(template: str | None, messages: list[dict], tools: list[dict] | None = None,
+                  specials: Iterable[str] = (), add_generation_prompt: bool = True,
+                  **variables) -> tuple[str, list[tuple[int, int]]]:  # fmt: skip
+    """The prompt (the checkpoint's template, else render_builtin) and the (start, end) spans in it of text from the
+    caller's data that could make a control token: Tokenizer.encode_prompt encodes those as plain text.
+
+    Control tokens belong to the template, not to users. Before rendering, in every string and dict key of messages,
+    tools and variables (content, text parts, names, ids, tool-call arguments, tool results, reasoning_content,
+    tool definitions), each `specials` string, and a string's start or end that is part of one (a special split
+    over two content parts, `<|im_` + `end|>`, must not join), becomes a marker `[[NONCE:i]]`, NONCE random digits
+    absent from the data: brackets, a colon and digits come through the template's `tojson` (either ensure_ascii),
+    html escaping and case filters unchanged. After rendering, each marker becomes its text again and its span is
+    returned: any special-token string overlapping a span is the user's, every other one the template's own.
+    Other strings reach the template untouched (it may test roles, part types or schema types as it likes), so a
+    conversation without such text renders byte for byte as before and encodes to the same ids as the whole
+    rendered string: the text between two control tokens, template and user text alike, is one BPE run.
+    (Markers for the special text only, not placeholders for whole strings: the template's code then sees the real
+    values, and plain text keeps its BPE merges across the template/user boundary, e.g. `## Return of functions.f:0`.)
+    """
+    tools = deep_sort(tools) if tools else None
+    guard = _Guard(specials)
+    data = (messages, tools, variables)
+    if not guard.needed(data):
+        return _render(template, messages, tools, add_generation_prompt, variables), []
+    guard.choose_nonce(repr(data))
+    rendered = _render(template, guard(messages), guard(tools), add_generation_prompt, guard(variables))
+    out, spans, pos, length = [], [], 0, 0
+    for m in re.finditer(rf"\[\[{guard.nonce}:(\d+)\]\]", rendered):
+        literal = guard.literals[int(m.group(1))]
+        out.append(rendered[pos : m.start()])
+        length += m.start() - pos
+        out.append(literal)
+        spans.append((length, length + len(literal)))
+        length, pos = length + len(literal), m.end()
+    out.append(rendered[pos:])
+    return "".join(out), spans
+
+
+class _Guard:
+    """render_prompt's markers: guard(value) is a copy of value with every special-token string, and a string's
+    start (end) that is a proper suffix (prefix) of one, replaced by a marker for that text."""
+
+    def __init__(self, specials: Iterable[str]):
+        names = sorted(set(specials), key=len, reverse=True)
+        self.find = re.compile("|".join(map(re.escape, names))) if names else None
+        self.heads = {n[:k] for n in names for k in range(1, len(n))}  # what may end a string and start a special
+        self.tails = {n[k:] for n in names for k in range(1, len(n))}  # what may start a string and end a special
+        self.longest = max(map(len, names), default=0)
+        self.literals: list[str] = []
+        self.index: dict[str, int] = {}
+        self.nonce = ""
+
+    def edges(self, s: str) -> tuple[int, int]:
+        """Lengths of the longest start of `s` that ends a special and the longest end of the rest that starts one."""
+        lead = next((k for k in range(min(len(s), self.longest), 0, -1) if s[:k] in self.tails), 0)
+        rest = s[lead:]
+        tail = next((k for k in range(min(len(rest), self.longest), 0, -1) if rest[-k:] in self.heads), 0)
+        return lead, tail
+
+    def needed(self, value) -> bool:
+        if isinstance(value, str):
+            return self.find is not None and (self.find.search(value) is not None or self.edges(value) != (0, 0))
+        if isinstance(value, dict):
+            return any(self.needed(k) or self.needed(v) for k, v in value.items())
+        if isinstance(value, (list, tuple)):
+            return any(self.needed(v) for v in value)
+        return False
+
+    def choose_nonce(self, seen: str) -> None:
+        while (nonce := f"{secrets.randbelow(10**16):016d}") in seen:
+            pass
+        self.nonce = nonce
+
+    def marker(self, literal: str) -> str:
+        if literal not in self.index:
+            self.index[literal] = len(self.literals)
+            self.literals.append(literal)
+        return f"[[{self.nonce}:{self.index[literal]}]]"
+
+    def __call__(self, value):
+        if isinstance(value, str):
+            lead, tail = self.edges(value)
+            middle = self.find.sub(lambda m: self.marker(m.group()), value[lead : len(value) - tail])
+            return (self.marker(value[:lead]) if lead else "") + middle + \
+                (self.marker(value[len(value) - tail :]) if tail else "")  # fmt: skip
+        if isinstance(value, dict):
+            return {self(k): self(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self(v) for v in value]
+        return value
+
+
+def _render(template: str | None, messages, tools, add_generation_prompt: bool, variables: dict) -> str:
+    if template is not None:
+        return render_template(template, messages, tools, add_generation_prompt, sort_tools=False, **variables)
+    return render_builtin(messages, tools, add_generation_prompt, sort_tools=False)
 
 
 def load_template(directory: str | Path) -> str | None:
@@ -270,53 +372,76 @@ def split_reasoning(text: str, in_think: bool = False) -> tuple[str, str]:
     return text[:end], text[end + len(THINK_CLOSE) :].lstrip()
 
 
-def _partial_tag(text: str) -> int:
+def _partial_tag(text: str, tags: tuple[str, ...] = (THINK_CLOSE, SECTION_BEGIN)) -> int:
     """Length of the longest end of `text` that could still grow into a tag ending the reasoning."""
-    return max((k for tag in (THINK_CLOSE, SECTION_BEGIN) for k in range(1, len(tag)) if text.endswith(tag[:k])),
-               default=0)  # fmt: skip
+    return max((k for tag in tags for k in range(1, len(tag)) if text.endswith(tag[:k])), default=0)
 
 
 class ReasoningSplitter:
     """split_reasoning for text arriving in pieces: feed() returns (reasoning, content) deltas whose concatenation
-    equals split_reasoning of the whole text, however it was cut. Text that may be part of a tag is held back."""
+    equals split_reasoning of the whole text, however it was cut. Text that may be part of a tag is held back.
 
-    def __init__(self, in_think: bool = False):
+    `tags` (open, close) replace `<think>` / `</think>`: a session whose tokenizer has them as special tokens feeds
+    one-character stand-ins instead, so that only those tokens, never the same letters typed as text, delimit the
+    reasoning. After each feed() / finish(), `reasoning_end` and `content_end` are where the text of the returned
+    reasoning and content deltas ends, counted in characters of everything fed (for logprobs).
+    """
+
+    def __init__(self, in_think: bool = False, tags: tuple[str, str] = (THINK_OPEN, THINK_CLOSE)):
         self.state = "reasoning" if in_think else "start"  # -> "reasoning" -> "after" (</think> seen) -> "content"
         self.held = ""
+        self.open, self.close = tags
+        self.start = 0  # position of held[0] in everything fed
+        self.reasoning_end = self.content_end = 0
 
     def feed(self, text: str) -> tuple[str, str]:
         self.held += text
         reasoning = content = ""
         if self.state == "start":
             body = self.held.lstrip()
-            if body.startswith(THINK_OPEN):
-                self.state, self.held = "reasoning", body[len(THINK_OPEN) :]
-            elif not THINK_OPEN.startswith(body):  # cannot become a think block: no reasoning at all
+            if body.startswith(self.open):
+                self.start += len(self.held) - len(body) + len(self.open)
+                self.state, self.held = "reasoning", body[len(self.open) :]
+            elif not self.open.startswith(body):  # cannot become a think block: no reasoning at all
                 self.state = "content"
         if self.state == "reasoning":
-            ends = [(i, tag) for tag in (THINK_CLOSE, SECTION_BEGIN) if (i := self.held.find(tag)) >= 0]
+            ends = [(i, tag) for tag in (self.close, SECTION_BEGIN) if (i := self.held.find(tag)) >= 0]
             if ends:
                 i, tag = min(ends)
                 reasoning = self.held[:i]
-                if tag == THINK_CLOSE:
+                self.start += i
+                if tag == self.close:
                     self.state, self.held = "after", self.held[i + len(tag) :]
+                    self.reasoning_end, self.start = self.start, self.start + len(tag)
                 else:  # the tool-call section stays in the content, for parse_tool_calls
                     self.state, self.held = "content", self.held[i:]
+                    self.reasoning_end = self.start
             else:
-                keep = len(self.held) - _partial_tag(self.held)
+                keep = len(self.held) - _partial_tag(self.held, (self.close, SECTION_BEGIN))
                 reasoning, self.held = self.held[:keep], self.held[keep:]
+                self.start += keep
+                self.reasoning_end = self.start
         if self.state == "after":
-            self.held = self.held.lstrip()
+            body = self.held.lstrip()
+            self.start += len(self.held) - len(body)
+            self.held = body
             if self.held:
                 self.state = "content"
         if self.state == "content":
             content, self.held = self.held, ""
+            self.start += len(content)
+            self.content_end = self.start
         return reasoning, content
 
     def finish(self) -> tuple[str, str]:
         """The held-back text, at the end of the output or where a tool-call section starts (then on: content)."""
         held, state = self.held, self.state
         self.state, self.held = "content", ""
+        self.start += len(held)
         if state == "reasoning":
+            self.reasoning_end = self.start
             return held, ""
-        return "", "" if state == "after" else held
+        if state == "after":
+            return "", ""
+        self.content_end = self.start
+        return "", held

@@ -102,7 +102,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     session = ChatSession.open(args.model, max_context=args.max_context, **_engine_options(args))
     name = args.model_name or Path(args.model).resolve().name
-    app = create_app(Server(session, name, api_key=args.api_key, max_queue=args.max_queue))
+    app = create_app(Server(session, name, api_key=args.api_key, max_queue=args.max_queue,
+                            max_request_bytes=args.max_request_bytes))  # fmt: skip
     print(f"serving '{name}' on http://{args.host}:{args.port}/v1 (context {session.max_context})", file=sys.stderr)
     _print_plan_notes(session.engine)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -180,9 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
-    sv.add_argument("--max-queue", type=int, default=8, help="requests queued or running before 429 (default 8)")
+    sv.add_argument("--max-queue", type=int, default=8,
+                    help="requests being prepared, queued or generated before 429 (default 8)")
     sv.add_argument("--max-context", type=int, help="prompt + completion tokens per request (default min(model, 8192))")
     sv.add_argument("--model-name", help="model id clients send (default: the directory name)")
+    sv.add_argument("--max-request-bytes", type=int, default=16 << 20,
+                    help="largest request body accepted; larger ones get 413 (default 16 MiB)")
     _add_engine_options(sv)
     sv.set_defaults(func=cmd_serve)
     args = p.parse_args(argv)

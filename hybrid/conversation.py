@@ -7,12 +7,15 @@ Shared by `hybrid chat` and `hybrid serve`; both consume `ChatSession.stream()` 
 from __future__ import annotations
 
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from .chat import (THINK_OPEN, ReasoningSplitter, ToolCall, has_thinking_switch, load_template, parse_tool_calls,
-                   render_builtin, render_template)  # fmt: skip
+import torch
+
+from .chat import (THINK_CLOSE, THINK_OPEN, ReasoningSplitter, ToolCall, has_thinking_switch, load_template,
+                   parse_tool_calls, render_prompt)  # fmt: skip
 from .engine import Engine
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -33,6 +36,13 @@ class Event:
     index: int = 0
     finish_reason: str | None = None  # "stop" | "length" | "tool_calls" | "cancelled"
     usage: dict = field(default_factory=dict)
+    logprobs: list[dict] | None = None  # "content" / "reasoning" events when stream(top_logprobs=...) asked for them
+
+
+MAX_TOP_LOGPROBS = 20
+# Stand-ins fed to the reasoning splitter for the `<think>` / `</think>` special tokens: lone surrogates, which no
+# decoded text contains, so only those tokens delimit the reasoning and a stray one is simply dropped.
+THINK_TOKEN_OPEN, THINK_TOKEN_CLOSE = "\ud800", "\ud801"
 
 
 @dataclass
@@ -42,6 +52,8 @@ class ChatResult:
     finish_reason: str
     usage: dict
     reasoning: str = ""
+    logprobs: list[dict] | None = None  # per content token, with top_logprobs (see ChatSession.stream)
+    reasoning_logprobs: list[dict] | None = None  # the same for the reasoning tokens
 
 
 class ChatSession:
@@ -54,6 +66,8 @@ class ChatSession:
         self.section_begin = sp["<|tool_calls_section_begin|>"]
         self.section_end = sp["<|tool_calls_section_end|>"]
         self.call_end = sp["<|tool_call_end|>"]
+        self.think_tokens = {sp[THINK_OPEN]: THINK_TOKEN_OPEN, sp[THINK_CLOSE]: THINK_TOKEN_CLOSE} \
+            if THINK_OPEN in sp and THINK_CLOSE in sp else {}  # fmt: skip
         # a thinking model (K2-Thinking, K2.5+): its output is split into reasoning and content
         self.thinking = THINK_OPEN in sp or (template is not None and THINK_OPEN in template)
         self.thinking_switch = has_thinking_switch(template)
@@ -79,12 +93,11 @@ class ChatSession:
 
     def prompt_ids(self, messages: list[dict], tools: list[dict] | None = None,
                    thinking: bool | None = None) -> list[int]:  # fmt: skip
+        """The prompt's token ids: control tokens only where the template put them; a special-token string inside
+        the messages or tools (a forged `<|im_end|><|im_system|>...`) stays plain text (chat.render_prompt)."""
         variables = self.template_variables(thinking)
-        if self.template is not None:
-            text = render_template(self.template, messages, tools, **variables)
-        else:
-            text = render_builtin(messages, tools)
-        return self.tokenizer.encode(text)
+        text, plain = render_prompt(self.template, messages, tools, self.tokenizer.special, **variables)
+        return self.tokenizer.encode_prompt(text, plain)
 
     def check_context(self, messages: list[dict], tools: list[dict] | None, max_tokens: int,
                       thinking: bool | None = None) -> list[int]:  # fmt: skip
@@ -97,26 +110,69 @@ class ChatSession:
         return ids
 
     def stream(self, ids: list[int], max_tokens: int = 512, temperature: float = 0.0, top_p: float = 1.0,
-               seed: int | None = None, stop: list[str] = (),
-               cancel: threading.Event | None = None) -> Iterator[Event]:  # fmt: skip
-        """Generate after the prompt `ids` (from check_context) and turn the tokens into events."""
+               seed: int | None = None, stop: list[str] = (), cancel: threading.Event | None = None,
+               top_logprobs: int | None = None) -> Iterator[Event]:  # fmt: skip
+        """Generate after the prompt `ids` (from check_context) and turn the tokens into events.
+
+        Control tokens never reach the text: a generated special or reserved token is dropped (`<think>` and
+        `</think>` specials only delimit the reasoning), and a tool-call section yields its complete calls as
+        "tool_call" events and nothing else: a section that does not parse (malformed, or cut by max_tokens or a
+        stop) gives only the calls completed before the cut, never its raw markup or argument fragments as content.
+
+        top_logprobs (0..20, None = off): every "content" and "reasoning" event carries `logprobs`, one entry per
+        generated token of its text in OpenAI's ChatCompletionTokenLogprob shape, from the model's distribution
+        (log_softmax of the raw logits, whatever the temperature). An entry's "token" is the text the token added
+        to the output (a character split across tokens belongs to the token that completes it; the first has "")
+        and "bytes" its own bytes, so the entries' tokens concatenate to the text. An entry goes with the first
+        event whose text overlaps the token's (a token that adds no text: with the next character's event), so a
+        token cut by the events (held back for a stop string) goes with the event of its first visible character.
+        Tokens no event shows anything of have no entry: control tokens, the tail cut at a stop string, think tags
+        spelled as text and the whitespace the reasoning split trims around them.
+        """
+        if top_logprobs is not None and not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must lie in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs}")
         text = StreamDecoder(self.tokenizer)
         # a prompt ending in <think> (K2.5's generation prompt) has the output start inside the reasoning; the
         # last 8 tokens hold it even spelled out byte by byte, plus a newline
-        split = None
+        split, tags = None, set(self.think_tokens.values())
         if self.thinking:
-            split = ReasoningSplitter(self.tokenizer.decode(ids[-8:]).rstrip().endswith(THINK_OPEN))
+            in_think = self.tokenizer.decode(ids[-8:]).rstrip().endswith(THINK_OPEN)
+            markers = (THINK_TOKEN_OPEN, THINK_TOKEN_CLOSE) if tags else (THINK_OPEN, THINK_CLOSE)
+            split = ReasoningSplitter(in_think, markers)
+        entries: deque = deque()  # (where the token's text starts and ends in all text fed, its logprob entry)
+        fed = 0  # characters past the stop-string check so far (the splitter counts the same)
+
+        def take(start: int, end: int) -> list[dict] | None:
+            """The entries of the tokens up to `end` that overlap [start, end), an event's text; the others show
+            nothing."""
+            if top_logprobs is None:
+                return None
+            out = []
+            while entries and entries[0][0] < end:
+                a, b, entry = entries.popleft()
+                if max(b, a + 1) > start:
+                    out.append(entry)
+            return out
 
         def released(piece: str, end: bool = False) -> Iterator[Event]:
             """Events for text past the stop-string check; `end` also releases what the splitter holds back."""
-            reasoning, content = split.feed(piece) if split else ("", piece)
-            if split and end:
-                more = split.finish()
-                reasoning, content = reasoning + more[0], content + more[1]
+            nonlocal fed
+            fed += len(piece)
+            if split is None:
+                reasoning, content, r_end, c_end = "", piece, 0, fed
+            else:
+                reasoning, content = split.feed(piece)
+                if end:
+                    more = split.finish()
+                    reasoning, content = reasoning + more[0], content + more[1]
+                r_end, c_end = split.reasoning_end, split.content_end
+            r_start, c_start = r_end - len(reasoning), c_end - len(content)
+            for tag in tags:  # a stray think token: dropped
+                reasoning, content = reasoning.replace(tag, ""), content.replace(tag, "")
             if reasoning:
-                yield Event("reasoning", text=reasoning)
+                yield Event("reasoning", text=reasoning, logprobs=take(r_start, r_end))
             if content:
-                yield Event("content", text=content)
+                yield Event("content", text=content, logprobs=take(c_start, c_end))
 
         pending = ""  # content held back while it could still turn into a stop string
         hold = max((len(s) for s in stop), default=1) - 1
@@ -144,7 +200,14 @@ class ChatSession:
                         yield Event("tool_call", tool_call=call, index=calls_sent)
                         calls_sent += 1
                 continue
-            pending += text(token)
+            if self.tokenizer.is_special(token):  # a control token is no text; think tokens go to the splitter
+                piece = self.think_tokens.get(token, "") if split is not None else ""
+            else:
+                piece = text(token)
+                if top_logprobs is not None:
+                    at = fed + len(pending)
+                    entries.append((at, at + len(piece), self._logprob(token, piece, top_logprobs)))
+            pending += piece
             hit = [i for i in (pending.find(s) for s in stop) if i >= 0]
             if hit:  # a stop string: keep what came before it, drop it and the rest
                 pending, finish = pending[: min(hit)], "stop"
@@ -155,17 +218,28 @@ class ChatSession:
         if finish != "stop":
             pending += text.flush()
         yield from released(pending, end=True)
-        if section is not None and calls_sent == 0:  # malformed section: hand it back as text
-            yield Event("content", text=self.tokenizer.decode(section))
         if calls_sent and finish != "cancelled":
             finish = "tool_calls"
         usage = {"prompt_tokens": len(ids), "completion_tokens": count, "total_tokens": len(ids) + count,
                  "prompt_tokens_details": {"cached_tokens": self.engine.last_cached_tokens if count else 0}}
         yield Event("done", finish_reason=finish, usage=usage)
 
+    def _logprob(self, token: int, text: str, top: int) -> dict:
+        """The ChatCompletionTokenLogprob entry of a sampled token, from the logits it was drawn from."""
+        logprobs = torch.log_softmax(self.engine.last_logits.double(), dim=-1)
+        entry = {"token": text, "logprob": float(logprobs[token]), "bytes": list(self.tokenizer.token_bytes(token))}
+        values, order = logprobs.topk(top) if top else (logprobs[:0], [])
+        entry["top_logprobs"] = [self._alternative(int(i), float(v)) for v, i in zip(values, order)]
+        return entry
+
+    def _alternative(self, token: int, logprob: float) -> dict:
+        raw = self.tokenizer.token_bytes(token)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
     def complete(self, messages: list[dict], tools: list[dict] | None = None, max_tokens: int = 512,
                  thinking: bool | None = None, **kwargs) -> ChatResult:  # fmt: skip
         content, reasoning, calls = [], [], []
+        logprobs = None if kwargs.get("top_logprobs") is None else {"content": [], "reasoning": []}
         for ev in self.stream(self.check_context(messages, tools, max_tokens, thinking), max_tokens, **kwargs):
             if ev.kind == "content":
                 content.append(ev.text)
@@ -174,5 +248,8 @@ class ChatSession:
             elif ev.kind == "tool_call":
                 calls.append(ev.tool_call)
             else:
-                return ChatResult("".join(content), calls, ev.finish_reason, ev.usage, "".join(reasoning))
+                return ChatResult("".join(content), calls, ev.finish_reason, ev.usage, "".join(reasoning),
+                                  *((None, None) if logprobs is None else (logprobs["content"], logprobs["reasoning"])))
+            if logprobs is not None and ev.logprobs is not None:
+                logprobs[ev.kind] += ev.logprobs
         raise AssertionError("stream ended without a done event")

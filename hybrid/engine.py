@@ -67,6 +67,7 @@ class Engine:
         self.gpu_cache_slots = 0  # hot experts per MoE layer kept in VRAM
         self.prefix_cache: PrefixCache | None = None  # latents of earlier requests (enable_prefix_cache)
         self.last_cached_tokens = 0  # prompt tokens the last generate() took from the prefix cache
+        self.last_logits: torch.Tensor | None = None  # float32 [vocab] logits of the token generate() last yielded
         if worker is not None:
             weakref.finalize(self, worker.close)
 
@@ -246,6 +247,7 @@ class Engine:
             pos = len(ids)
             for i in range(max_new_tokens):
                 token = sample(logits, temperature, top_p, generator)
+                self.last_logits = logits  # what `token` was drawn from (logprobs)
                 yield token
                 if token in stop or i == max_new_tokens - 1:
                     return

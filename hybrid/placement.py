@@ -7,6 +7,7 @@ capacity, VRAM left for a hot-expert cache, and the decode speed the host read b
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -95,6 +96,17 @@ def component_bytes(cfg: ModelConfig, dtypes: dict[str, str] | None = None,
                     gpu_weights: str = "bf16") -> dict[str, int]:
     """Bytes per component as held in memory; dtypes maps tensor name -> safetensors dtype (default: the published
     dtypes). gpu_weights "fp8": bf16 linears outside the routed experts counted as requantized to block-fp8."""
+    if dtypes is None:  # presets: ~70K tensors at K2 size, counted once per config
+        return dict(_published_bytes(cfg, gpu_weights))
+    return _bytes(cfg, dtypes, gpu_weights)
+
+
+@functools.lru_cache(maxsize=16)
+def _published_bytes(cfg: ModelConfig, gpu_weights: str) -> dict[str, int]:
+    return _bytes(cfg, {}, gpu_weights)
+
+
+def _bytes(cfg: ModelConfig, dtypes: dict[str, str], gpu_weights: str) -> dict[str, int]:
     sizes: dict[str, int] = {}
     requantized = {f"{m}.weight": shape for m, shape in linear_specs(cfg).items()
                    if gpu_weights == "fp8" and cfg.format_of(m) == "bf16"}  # fmt: skip
@@ -105,7 +117,7 @@ def component_bytes(cfg: ModelConfig, dtypes: dict[str, str] | None = None,
         if name in requantized and key != "routed experts":
             n = tensor_nbytes("F8_E4M3", spec.shape) + tensor_nbytes("F32", scale_shape(spec.shape))
         else:
-            n = tensor_nbytes((dtypes or {}).get(name, spec.dtypes[0]), spec.shape)
+            n = tensor_nbytes(dtypes.get(name, spec.dtypes[0]), spec.shape)
         sizes[key] = sizes.get(key, 0) + n
     return sizes
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import base64
+import bisect
 import codecs
 import json
+import re
 from pathlib import Path
+from typing import Sequence
 
 import tiktoken
 
@@ -64,6 +67,8 @@ class Tokenizer:
         self.model = tiktoken.Encoding(name=directory.name, pat_str=PAT_STR, mergeable_ranks=ranks,
                                        special_tokens=self.special)  # fmt: skip
         self.bos_id, self.eos_id = self.special.get("[BOS]"), self.special.get("[EOS]")
+        # as tiktoken finds special-token strings (no name is a prefix of another, so the order does not matter)
+        self.special_re = re.compile("|".join(re.escape(s) for s in sorted(self.special, key=len, reverse=True)))
 
     @property
     def vocab_size(self) -> int:
@@ -83,6 +88,40 @@ class Tokenizer:
                 ids += self.model.encode(piece, disallowed_special=())
         return ids
 
+    def encode_prompt(self, text: str, plain: Sequence[tuple[int, int]] = ()) -> list[int]:
+        """encode(text), except that special-token strings overlapping a `plain` (start, end) span encode as ordinary
+        text, in one BPE run with the text around them (chat.render_prompt returns the spans the messages' own text
+        put there). Same windows as encode and tiktoken's own search, so with no spans the ids are encode(text)."""
+        if not plain:
+            return self.encode(text)
+        spans = sorted(plain)
+        starts = [a for a, _ in spans]
+
+        def user_typed(a: int, b: int) -> bool:
+            i = bisect.bisect_left(starts, b) - 1  # the last span starting before b
+            return i >= 0 and spans[i][1] > a
+
+        ids: list[int] = []
+        for offset, end in _spans(text):
+            piece, run, find = text[offset:end], 0, 0
+            while (m := self.special_re.search(piece, find)) is not None:
+                if user_typed(offset + m.start(), offset + m.end()):
+                    find = m.start() + 1  # as tiktoken skips a special it may not use
+                    continue
+                ids += self.model.encode_ordinary(piece[run : m.start()])
+                ids.append(self.special[m.group()])
+                run = find = m.end()
+            ids += self.model.encode_ordinary(piece[run:])
+        return ids
+
+    def is_special(self, token: int) -> bool:
+        """A control token: named (`<|im_middle|>`, `<think>`, ...) or `<|reserved_token_N|>`."""
+        return token >= self.num_base
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes of one token (a special's name for a special)."""
+        return self.model.decode_single_token_bytes(token)
+
     def decode(self, ids: list[int]) -> str:
         return self.model.decode(ids)
 
@@ -91,7 +130,8 @@ WINDOW_CHARS = 400_000
 MAX_RUN_CHARS = 25_000
 
 
-def _pieces(text: str):
+def _spans(text: str):
+    """(start, end) of the pieces K2's tokenizer encodes one by one."""
     for w in range(0, max(len(text), 1), WINDOW_CHARS):
         window = text[w : w + WINDOW_CHARS]
         start, run, prev = 0, 0, None
@@ -100,9 +140,14 @@ def _pieces(text: str):
             run = run + 1 if space == prev else 1
             prev = space
             if run > MAX_RUN_CHARS:
-                yield window[start:i]
+                yield w + start, w + i
                 start, run = i, 1
-        yield window[start:]
+        yield w + start, w + len(window)
+
+
+def _pieces(text: str):
+    for a, b in _spans(text):
+        yield text[a:b]
 
 
 class StreamDecoder:

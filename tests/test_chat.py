@@ -170,12 +170,16 @@ def test_split_reasoning(text, in_think, reasoning, content):
 
 
 def _streamed(pieces, in_think):
-    splitter, reasoning, content = ReasoningSplitter(in_think), "", ""
-    for piece in pieces:
-        r, c = splitter.feed(piece)
+    """The split of the pieces fed one by one; each delta is checked to be the text fed that ends where the splitter
+    says (reasoning_end / content_end: how stream() places the logprob entries)."""
+    splitter, reasoning, content, fed = ReasoningSplitter(in_think), "", "", ""
+    for piece in [*pieces, None]:
+        fed += piece or ""
+        r, c = splitter.feed(piece) if piece is not None else splitter.finish()
+        assert r == "" or fed[splitter.reasoning_end - len(r) : splitter.reasoning_end] == r
+        assert c == "" or fed[splitter.content_end - len(c) : splitter.content_end] == c
         reasoning, content = reasoning + r, content + c
-    r, c = splitter.finish()
-    return reasoning + r, content + c
+    return reasoning, content
 
 
 @pytest.mark.parametrize("text, in_think", [(t, i) for t, i, _, _ in SPLITS] + [
@@ -212,3 +216,39 @@ def test_a_thinking_model_answers_inside_the_opened_block(thinking_model):
     assert (r.reasoning, r.content, [c.id for c in r.tool_calls]) == (REASONING, ANSWER, [CALL_ID])
     off = session.complete([{"role": "user", "content": "Hi"}], max_tokens=64, thinking=False)
     assert (off.reasoning, off.content) == ("", ANSWER)
+
+
+def test_a_thinking_model_answers_inside_the_opened_block_with_logprobs(thinking_model):
+    """Reasoning and content each carry the logprob entries of their own tokens; the think tokens have none."""
+    session = ChatSession.open(thinking_model, max_context=512, progress=False)
+    r = session.complete([{"role": "user", "content": "Hi"}], max_tokens=64, top_logprobs=2)
+    assert (r.reasoning, r.content, r.finish_reason) == (REASONING, ANSWER, "tool_calls")
+    assert "".join(e["token"] for e in r.reasoning_logprobs) == REASONING
+    assert "".join(e["token"] for e in r.logprobs) == ANSWER
+    assert all(len(e["top_logprobs"]) == 2 and e["top_logprobs"][0]["token"] == e["token"] for e in r.logprobs)
+
+
+# Prompt ids come from render_prompt + encode_prompt (control tokens only from the template); for conversations
+# without special-token strings they must equal encoding the whole rendered prompt, as before.
+@pytest.fixture(scope="module")
+def thinking_tokenizer(tmp_path_factory):
+    from hybrid.bpe import write_tokenizer
+    from hybrid.config import ModelConfig
+    from hybrid.presets import synthetic_config
+
+    out = tmp_path_factory.mktemp("thinking_tokenizer")
+    write_tokenizer(out, ModelConfig.from_dict(synthetic_config("tiny")).vocab_size - 256, thinking=True)
+    return Tokenizer(out)
+
+
+@pytest.mark.parametrize("template", [CHAT_TEMPLATE, THINKING_CHAT_TEMPLATE, None], ids=["k2", "thinking", "builtin"])
+@pytest.mark.parametrize("thinking_tokens", [False, True])
+def test_prompt_ids_equal_encoding_the_rendered_prompt(tiny, thinking_tokenizer, template, thinking_tokens):
+    tok = thinking_tokenizer if thinking_tokens else Tokenizer(tiny)
+    session = ChatSession(None, tok, template, 4096)
+    cases = [*CONVERSATIONS.values(), (THINKING_TURNS, [WEATHER])]
+    for (messages, tools), thinking in [(c, t) for c in cases for t in ([None, False] if session.thinking_switch else [None])]:  # noqa: E501
+        variables = {} if thinking is None else {"thinking": thinking}
+        rendered = render_builtin(messages, tools) if template is None else \
+            render_template(template, messages, tools, **variables)  # fmt: skip
+        assert session.prompt_ids(messages, tools, thinking) == tok.encode(rendered)

@@ -31,13 +31,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(checkpoint, max_queue: int, max_context: int, model_name: str = MODEL, extra: tuple = ()):
-    """`hybrid serve` in a subprocess on a free loopback port; returns (process, base URL) once /health answers."""
+def start_server(checkpoint, max_queue: int, max_context: int, model_name: str = MODEL, extra: tuple = (),
+                 log: Path | None = None):  # fmt: skip
+    """`hybrid serve` in a subprocess on a free loopback port; returns (process, base URL) once /health answers.
+    Its output goes to a pipe, or to the file `log` (a server answering many requests would fill the pipe)."""
     port = free_port()
     cmd = [sys.executable, "-m", "hybrid.cli", "serve", "--model", str(checkpoint), "--port", str(port),
            "--api-key", KEY, "--max-queue", str(max_queue), "--max-context", str(max_context),
            "--model-name", model_name, *extra]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = open(log, "w") if log else subprocess.PIPE
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -47,7 +50,7 @@ def start_server(checkpoint, max_queue: int, max_context: int, model_name: str =
         except httpx.HTTPError:
             time.sleep(0.3)
         if proc.poll() is not None:
-            pytest.fail(f"server exited: {proc.stdout.read()}")
+            pytest.fail(f"server exited: {log.read_text() if log else proc.stdout.read()}")
     else:
         proc.kill()
         pytest.fail("server did not come up")
@@ -62,7 +65,7 @@ def server(tiny):
     proc.wait(timeout=30)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_slot_server(tiny):
     """A server whose queue holds one request, with room for a long (several seconds) generation."""
     proc, base = start_server(tiny, max_queue=1, max_context=8192)
@@ -148,6 +151,17 @@ def post(server, body, key=KEY, raw=None):
          None, 400, "messages"),
         ({"model": MODEL, "messages": HELLO, "chat_template_kwargs": {"thinking": True}},
          None, 400, "chat_template_kwargs"),  # this model's template cannot think
+        ({"model": MODEL, "messages": HELLO, "stream": True, "stream_options": "yes"}, None, 400, "stream_options"),
+        ({"model": MODEL, "messages": HELLO, "stream": True, "stream_options": {"include_usage": "no"}},
+         None, 400, "stream_options"),
+        ({"model": MODEL, "messages": [{"role": "assistant", "tool_calls": [{"id": "x"}]}]}, None, 400, "messages"),
+        ({"model": MODEL, "messages": HELLO, "max_completion_tokens": None, "max_tokens": 0}, None, 400, "max_tokens"),
+        ({"model": MODEL, "messages": HELLO, "n": 2}, None, 400, "n"),
+        ({"model": MODEL, "messages": HELLO, "response_format": {"type": "json_object"}}, None, 400, "response_format"),
+        ({"model": MODEL, "messages": HELLO, "top_logprobs": 2}, None, 400, "top_logprobs"),
+        (None, b'{"model": "tiny-k2", "seed": ' + b"9" * 5000 + b"}", 400, None),
+        (None, b"[" * 100_000 + b"]" * 100_000, 400, None),
+        (None, b'{"model": "\\ud800", "messages": []}', 400, None),
     ],
 )  # fmt: skip
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, client, body, raw, status, param):
@@ -166,6 +180,12 @@ def test_context_overflow_has_the_openai_code(server):
 
 def test_api_key_is_required(server):
     assert post(server, {"model": MODEL, "messages": HELLO}, key=None).status_code == 401
+    for header in (f"bearer {KEY}", f"BEARER  {KEY}"):  # the scheme is case-insensitive
+        r = httpx.post(f"{server}/v1/chat/completions", json={"model": MODEL, "messages": HELLO, "max_tokens": 1},
+                       headers={"Authorization": header}, timeout=60)  # fmt: skip
+        assert r.status_code == 200, r.text
+    basic = httpx.get(f"{server}/v1/models", headers={"Authorization": f"Basic {KEY}"})
+    assert basic.status_code == 401 and basic.json()["error"]["type"] == "authentication_error"
     r = post(server, {"model": MODEL, "messages": HELLO}, key="wrong")
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     with pytest.raises(openai.AuthenticationError):
@@ -199,6 +219,7 @@ def test_a_full_queue_answers_429_and_a_disconnect_frees_its_slot(one_slot_serve
         assert '"content"' in next(lines)  # generation is under way
         busy = post(server, {"model": MODEL, "messages": HELLO, "max_tokens": 2})
         assert busy.status_code == 429 and busy.json()["error"]["type"] == "rate_limit_error"
+        assert busy.headers["retry-after"] == "1"
         stream.close()  # disconnect mid-stream
     t0 = time.time()
     while httpx.get(f"{server}/health").json()["in_flight"] and time.time() - t0 < 10:
@@ -208,6 +229,90 @@ def test_a_full_queue_answers_429_and_a_disconnect_frees_its_slot(one_slot_serve
     client = openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
     ok = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, temperature=0)
     assert ok.choices[0].finish_reason == "length"
+
+
+def test_a_non_streaming_client_that_hangs_up_stops_its_generation(one_slot_server):
+    server = one_slot_server
+    body = {"model": MODEL, "messages": HELLO, "temperature": 0}  # no max_tokens: the rest of the 8192 context
+    with pytest.raises(httpx.TimeoutException):  # hangs up after 1 s, mid-generation
+        httpx.post(f"{server}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=1)
+    t0 = time.time()
+    while httpx.get(f"{server}/health").json()["in_flight"] and time.time() - t0 < 10:
+        time.sleep(0.02)
+    freed = time.time() - t0
+    assert freed < 2.0, f"slot freed only after {freed:.1f} s"
+    ok = post(server, {"model": MODEL, "messages": HELLO, "max_tokens": 2})
+    assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_max_tokens_left_out_is_the_rest_of_the_context(server, local):
+    long = [{"role": "user", "content": "Hello there, " * 60}]
+    prompt = len(local.prompt_ids(long))
+    assert 200 < prompt < 512  # refused before: a missing max_tokens reserved 512
+    r = post(server, {"model": MODEL, "messages": long, "temperature": 0}).json()
+    assert r["usage"]["prompt_tokens"] == prompt
+    assert r["usage"]["total_tokens"] == 512 or r["choices"][0]["finish_reason"] == "stop"
+    full = post(server, {"model": MODEL, "messages": [{"role": "user", "content": "Hello there, " * 200}]})
+    assert full.status_code == 400 and full.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_null_is_the_same_as_absent(server):
+    body = {"model": MODEL, "messages": HELLO, "max_completion_tokens": None, "max_tokens": 3, "temperature": 0,
+            "stop": None, "tools": None, "seed": None, "stream": None, "response_format": None}
+    r = post(server, body)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3, r.text
+
+
+def test_openapi_publishes_the_request_schema(server):
+    spec = httpx.get(f"{server}/openapi.json").json()
+    body = spec["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/ChatCompletionRequest"}
+    schemas = spec["components"]["schemas"]
+    fields = set(schemas["ChatCompletionRequest"]["properties"])
+    assert {"model", "messages", "tools", "logprobs", "stream_options"} <= fields
+    assert {"Message", "Tool", "ToolCall"} <= set(schemas)
+
+
+def test_health_answers_while_a_5mb_request_is_prepared(server):
+    """Parsing, rendering and tokenizing run off the event loop: /health stays fast meanwhile."""
+    text = "Lorem ipsum dolor sit amet. " * 180_000
+    big = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": text}]})
+    assert len(big) > 5_000_000
+    result = {}
+    worker = threading.Thread(target=lambda: result.setdefault("r", post(server, None, raw=big)))
+    worker.start()
+    latencies = []
+    with httpx.Client(timeout=10) as c:
+        while worker.is_alive():
+            t = time.perf_counter()
+            assert c.get(f"{server}/health").status_code == 200
+            latencies.append(time.perf_counter() - t)
+            time.sleep(0.01)
+    worker.join()
+    assert result["r"].status_code == 400 and result["r"].json()["error"]["code"] == "context_length_exceeded"
+    assert len(latencies) >= 5 and max(latencies) < 0.1, f"/health took up to {max(latencies) * 1e3:.0f} ms"
+
+
+def test_unexpected_errors_are_openai_errors_and_logged(caplog):
+    """In-process, on a session whose prompt rendering fails: a 500 with an OpenAI body, and a log line."""
+    import asyncio
+
+    from hybrid.server import Server, create_app
+
+    class Broken:
+        max_context, thinking = 512, False
+
+        def prompt_ids(self, *args):
+            raise RuntimeError("boom")
+
+    async def ask():
+        transport = httpx.ASGITransport(app=create_app(Server(Broken(), MODEL)), raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            return await c.post("/v1/chat/completions", json={"model": MODEL, "messages": HELLO})
+
+    r = asyncio.run(ask())
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error", r.text
+    assert "RuntimeError" in caplog.text
 
 
 def test_a_model_without_reasoning_answers_as_before(server):
@@ -303,3 +408,38 @@ def test_cached_tokens_for_a_multi_turn_exchange(tiny, local):
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
     assert "from the prefix cache" in out  # the server's log line
+
+
+# logprobs last: they need ChatSession.stream(top_logprobs=...)
+def test_logprobs_in_both_response_forms(client):
+    ask = {"model": MODEL, "messages": HELLO, "max_tokens": 6, "temperature": 0}
+    assert client.chat.completions.create(**ask).choices[0].logprobs is None
+    r = client.chat.completions.create(**ask, logprobs=True, top_logprobs=3)
+    lp = r.choices[0].logprobs
+    assert lp.refusal is None and 0 < len(lp.content) <= r.usage.completion_tokens
+    assert bytes(b for e in lp.content for b in e.bytes).decode(errors="replace") == r.choices[0].message.content
+    for e in lp.content:
+        assert len(e.top_logprobs) == 3 and e.logprob <= 0
+        assert e.top_logprobs[0].logprob == pytest.approx(e.logprob, abs=1e-6)  # greedy took the likeliest
+    chunks = [c for c in client.chat.completions.create(**ask, logprobs=True, top_logprobs=3, stream=True) if c.choices]
+    for c in chunks:  # each chunk carries the logprobs of its own delta
+        assert (c.choices[0].logprobs is not None) == bool(c.choices[0].delta.content)
+    streamed = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.token for e in streamed] == [e.token for e in lp.content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in lp.content], abs=1e-4)
+    zero = client.chat.completions.create(**ask, logprobs=True).choices[0].logprobs.content
+    assert [e.token for e in zero] == [e.token for e in lp.content] and all(e.top_logprobs == [] for e in zero)
+
+
+def test_logprobs_of_a_thinking_model(thinker):
+    """Reasoning tokens' logprobs go under `reasoning_content`, beside OpenAI's `content`."""
+    body = {"model": "thinker", "messages": ASK, "tools": [WEATHER], "temperature": 0, "logprobs": True}
+    choice = post(thinker[0], body).json()["choices"][0]
+    lp, m = choice["logprobs"], choice["message"]
+    assert "".join(e["token"] for e in lp["content"]) == m["content"] == ANSWER
+    assert "".join(e["token"] for e in lp["reasoning_content"]) == m["reasoning_content"] == REASONING
+    lines = post(thinker[0], {**body, "stream": True}).text.splitlines()
+    chunks = [json.loads(line[6:])["choices"] for line in lines if line.startswith("data: {")]
+    streamed = [c[0]["logprobs"] or {} for c in chunks if c]
+    assert "".join(e["token"] for lp in streamed for e in lp.get("reasoning_content") or []) == REASONING
+    assert "".join(e["token"] for lp in streamed for e in lp.get("content") or []) == ANSWER
