@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .int4_kernels import moe_decode_int4, moe_prefill_int4
+from .int4_simd import moe_decode_int4, moe_prefill_int4
 from .moe import DECODE_MAX_TOKENS, FIELDS, check_inputs, reference_moe
 
 GROUP = 32

@@ -2,16 +2,17 @@
 
 Weights: uint8 byte view [N, K/2] of the int32 `weight_packed` (byte j holds element 2j in its low nibble and
 2j+1 in its high nibble, offset binary: q = nibble - 8) and uint16 bf16 bits [N, K/32] of `weight_scale`.
-Activations are first rearranged into a *split* layout, [x0 x2 x4 ... | x1 x3 x5 ...], so byte j of a row
-pairs with xs[j] (low nibble) and xs[K/2 + j] (high nibble): no shuffles in the inner loops.
-Arithmetic (the per-element choice, not per-group sums): byte j of a row adds s * (q_lo * xe + q_hi * xo) to
-one fp32 accumulator per row (q * s is exact in fp32, so this is x dotted with the exact fp32 weights up to fp32
-rounding); one horizontal sum per row. The prefill micro-kernel forms q * s first, then the FMAs.
-Decode: 8 weight rows in flight (a 4 KiB page apart; 16 for gate and up together: 13.3 -> 15 GB/s on the
-dev box), one flat loop over the bytes; the 8 rows' bf16 group scales are first converted into a small
-fp32 buffer SF, and the loop reads SF[i][j >> 4] (16 bytes per group): LLVM sees the index is uniform over a
-16-lane vector and broadcasts it (single thread, L2-resident rows: 8.5 GB/s; converting the bf16 scale in
-the loop: 6.7; broadcasting scales into a per-byte fp32 buffer first: 2.1, its stores stayed scalar).
+Arithmetic everywhere: fp32 products of x with the exact weights (q * s is exact in fp32) and fp32 sums.
+These are the generic kernels; where the CPU has AVX-512F, int4_simd.py's are used instead (`moe_decode_int4`,
+`moe_prefill_int4` there pick; HYBRID_INT4_SIMD=0 forces the generic ones).
+
+Generic: activations in a *split* layout, [x0 x2 x4 ... | x1 x3 x5 ...], so byte j of a row pairs with xs[j]
+(low nibble) and xs[K/2 + j] (high nibble); byte j adds s * (q_lo * xe + q_hi * xo) to one fp32 accumulator
+per row; one horizontal sum per row. Decode: 8 weight rows in flight (a 4 KiB page apart; 16 for gate and up
+together: 13.3 -> 15 GB/s on the dev box), one flat loop over the bytes; the 8 rows' bf16 group scales are
+first converted into a small fp32 buffer SF, and the loop reads SF[i][j >> 4] (16 bytes per group): LLVM sees
+the index is uniform over a 16-lane vector and broadcasts it (single thread, L2-resident rows: 8.5 GB/s;
+converting the bf16 scale in the loop: 6.7; broadcasting scales into a per-byte fp32 buffer first: 2.1).
 Work split as in decode.py: phase 1 hands out (assignment, 64-row chunk) items of gate and up; phase 2 64-row
 chunks of the output, each summing over all assignments (no two threads write the same output row).
 Prefill: tokens grouped by expert as in prefill.py; per work item (expert, 64 rows) a 4-row x 4-token
@@ -21,6 +22,7 @@ into an fp32 buffer first ran at 29 GFLOP/s single-threaded for 12 tokens: LLVM 
 """
 
 from __future__ import annotations
+
 
 import numpy as np
 from llvmlite import ir
@@ -199,8 +201,8 @@ def gemv_rows2(G, SG, U, SU, r0, r1, xs, out_g, out_u, SF, SF2):
 
 
 @njit(parallel=True, fastmath=True, nogil=True, cache=True)
-def moe_decode_int4(x, ids, weights, gate, gate_s, up, up_s, down, down_s, out):
-    """out[t] = sum_k weights[t, k] * down(silu(gate x_t) * up x_t) of expert ids[t, k]; out is overwritten."""
+def _moe_decode_generic(x, ids, weights, gate, gate_s, up, up_s, down, down_s, out):
+    """moe_decode_int4 in plain Numba (fp32 per element, split activations): CPUs without AVX-512 VNNI."""
     T, H = x.shape
     K = ids.shape[1]
     inter = gate.shape[1]
@@ -307,8 +309,8 @@ def _grouped_rows(W, S, r0, r1, X, s0, n, out, SF):
 
 
 @njit(parallel=True, fastmath=True, nogil=True, cache=True)
-def moe_prefill_int4(x, ids, weights, gate, gate_s, up, up_s, down, down_s, out):
-    """Same result as moe_decode_int4, organised for many tokens per expert; out is overwritten."""
+def _moe_prefill_generic(x, ids, weights, gate, gate_s, up, up_s, down, down_s, out):
+    """moe_prefill_int4 in plain Numba (split activations): CPUs without AVX-512."""
     T, H = x.shape
     K = ids.shape[1]
     E, inter = gate.shape[0], gate.shape[1]

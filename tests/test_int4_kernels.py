@@ -6,7 +6,7 @@ import torch
 
 from cpu_kernels.int4 import (Int4ExpertStack, dequantize_int4, pack_int4, reference_moe_int4, routed_moe_int4,
                               unpack_int4)  # fmt: skip
-from cpu_kernels.int4_kernels import moe_decode_int4, moe_prefill_int4
+from cpu_kernels.int4_simd import moe_decode_int4, moe_prefill_int4
 
 TOL = 1e-5  # max |out - ref| / max |ref|
 

@@ -1,0 +1,407 @@
+"""Native-INT4 expert kernels with the inner loops written in LLVM IR for AVX-512 (the generic Numba kernels,
+int4_kernels.py, are the fallback and the layout reference).
+
+AVX-512 (the inner loops written in LLVM IR; Numba's vectoriser converts one byte per lane, 10 vector ops per
+16 bytes and row: compute-bound at 8.5 GB/s per core, 0.55 of STREAM on 2 cores). One 64-byte load of a row
+holds 128 elements; dword lane i holds elements 8i .. 8i+7 of them, one per nibble, and vpermps looks a lane's
+low nibble up in the 16 codes -8..7 (fp32), so element 8i + k of the chunk is vpermps(codes, dword >> 4k)
+(7 shifts + 8 lookups per 128 elements, the -8 included). x is copied once per token into the matching order
+(`arrange`: XP[128c + 16k + i] = x[128c + 8i + k]). Lane i lies in group i // 4 of the chunk, so decode sums
+the 8 products per lane (t, 8 FMAs) and adds t * scale (one FMA; the 4 bf16 scales are widened and spread
+over the lanes by one vpermt2w): 25 vector ops per 64 bytes and row, 16 GB/s per core from L2. Work split and
+rows in flight as in decode.py (8 rows of gate and 8 of up per call), but stream i of a 64-row item reads
+rows r + 8i .. r + 8i + 7 one after the other (long sequential streams: +4% over rows a page apart) and each
+row is prefetched PREFETCH bytes ahead in software (+5 to 9%). Measured on the dev box (2 cores, STREAM
+27-29 GB/s, bench/cpu_experts.py --quick --format int4): 20.7-21.6 GB/s, 0.75-0.77 of STREAM (generic: 14.7-15.0,
+0.54-0.55). Prefill: a 4-row x 4-token register tile scales each converted code vector once (q * s, exact) and
+feeds it to 4 tokens (92-95 GFLOP/s single-threaded from L2, generic 80); experts with at most STREAM_MAX tokens
+stream their rows per token like decode; 16 / 128 / 512 tokens: 74 / 98 / 142 GFLOP/s (generic 52 / 80 / 124).
+Row lengths that are not a multiple of 128 elements end in `_tail` (scalar, exact fp32).
+Alternatives measured: AVX-512 VNNI with x split into four int8 digits of a 28-bit fixed point per group:
+20.7 GB/s per core from L2, +3 to 5% end to end, but fixed point loses an outlier's small group neighbours
+(2^-28 of the group's max); bf16 dot products (vdpbf16ps, x in three bf16 parts): 6 GB/s per core.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .int4_kernels import (CHUNK, GROUP, STREAM_MAX, _moe_decode_generic, _moe_prefill_generic, bf16_to_f32,
+                           hi_q, lo_q)  # fmt: skip
+from .prefill import group_by_expert
+
+
+
+def _cpu_features() -> str:
+    from numba.core import config
+
+    if config.CPU_FEATURES is not None:
+        return config.CPU_FEATURES
+    if config.CPU_NAME is not None:  # a named target (NUMBA_CPU_NAME=generic for portable caches): no host features
+        return ""
+    import llvmlite.binding as llvm
+
+    return llvm.get_host_cpu_features().flatten()
+
+
+def _simd_available() -> bool:
+    if os.environ.get("HYBRID_INT4_SIMD", "1") == "0":
+        return False
+    return "+avx512f" in _cpu_features().split(",")
+
+
+SIMD = _simd_available()
+CX = 128  # floats per 128-element chunk of an arranged x
+PREFETCH = 512  # bytes ahead in each weight row (software prefetch into L1)
+
+_I16, _I32, _I64, _F32 = ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
+_V16I32, _V16F32 = ir.VectorType(_I32, 16), ir.VectorType(_F32, 16)
+
+
+def _splat(vty, v):
+    return ir.Constant(vty, [ir.Constant(vty.element, v)] * vty.count)
+
+
+def _call(builder, name, ret, args):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
+    return builder.call(fn, args)
+
+
+def _vload(builder, base, off, vty):
+    """Unaligned load of a vector at byte offset `off` (i64) from the i8* `base`."""
+    return builder.load(builder.bitcast(builder.gep(base, [off]), vty.as_pointer()), align=1)
+
+
+def _fma(builder, a, b, c):
+    return _call(builder, "llvm.fma.v16f32", _V16F32, [a, b, c])
+
+
+def _hsum(builder, v):
+    n = 16
+    while n > 1:
+        n //= 2
+        lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), list(range(n))))
+        hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), list(range(n, 2 * n))))
+        v = builder.fadd(lo, hi, flags=("fast",))
+    return builder.extract_element(v, ir.Constant(_I32, 0))
+
+
+def _scales16(builder, base, off):
+    """The 4 bf16 group scales at byte offset `off` -> <16 x float> [s0 x4, s1 x4, s2 x4, s3 x4] (exact)."""
+    v = _vload(builder, base, off, ir.VectorType(_I16, 4))
+    mask = [4 if w % 2 == 0 else w // 8 for w in range(32)]  # even words: 0 (from the zero vector), odd: s[lane // 4]
+    v = builder.shuffle_vector(v, ir.Constant(ir.VectorType(_I16, 4), None), ir.Constant(ir.VectorType(_I32, 32), mask))
+    return builder.bitcast(v, _V16F32)
+
+
+def _rows_codegen(nmat):
+    """Code for the full 128-element chunks of rows r + i * st (i < 8) of nmat matrices, with the arranged x XP."""
+
+    def codegen(context, builder, sig, args):
+        i8p = ir.PointerType(ir.IntType(8))
+        r, st = args[2 * nmat], args[2 * nmat + 1]
+        XP = context.make_array(sig.args[2 * nmat + 2])(context, builder, args[2 * nmat + 2])
+        xp = builder.bitcast(XP.data, i8p)
+        rows = []  # (weight row, scale row) byte pointers
+        for m in range(nmat):
+            W = context.make_array(sig.args[2 * m])(context, builder, args[2 * m])
+            S = context.make_array(sig.args[2 * m + 1])(context, builder, args[2 * m + 1])
+            Kb = builder.extract_value(W.shape, 1)
+            sb = builder.mul(builder.extract_value(S.shape, 1), ir.Constant(_I64, 2))
+            wp, sp = builder.bitcast(W.data, i8p), builder.bitcast(S.data, i8p)
+            for i in range(8):
+                row = builder.add(r, builder.mul(st, ir.Constant(_I64, i)))
+                rows.append((builder.gep(wp, [builder.mul(row, Kb)]), builder.gep(sp, [builder.mul(row, sb)])))
+        codes = ir.Constant(_V16F32, [ir.Constant(_F32, float(q)) for q in range(-8, 8)])
+        accs = [cgutils.alloca_once_value(builder, _splat(_V16F32, 0.0)) for _ in rows]
+        with cgutils.for_range(builder, builder.udiv(Kb, ir.Constant(_I64, 64))) as loop:
+            c = loop.index
+            woff, soff = builder.mul(c, ir.Constant(_I64, 64)), builder.mul(c, ir.Constant(_I64, 8))
+            xoff = builder.mul(c, ir.Constant(_I64, 4 * CX))
+            xs = [_vload(builder, xp, builder.add(xoff, ir.Constant(_I64, 64 * k)), _V16F32) for k in range(8)]
+            ahead = builder.add(woff, ir.Constant(_I64, PREFETCH))
+            for (wrow, srow), acc in zip(rows, accs):
+                pf = [builder.gep(wrow, [ahead]), ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)]
+                _call(builder, "llvm.prefetch.p0", ir.VoidType(), pf)  # read, keep in L1, data
+                raw = _vload(builder, wrow, woff, _V16I32)
+                t = None
+                for k in range(8):  # element 8i + k of lane i: nibble k of dword i
+                    idx = builder.lshr(raw, _splat(_V16I32, 4 * k)) if k else raw
+                    q = _call(builder, "llvm.x86.avx512.permvar.sf.512", _V16F32, [codes, idx])
+                    t = builder.fmul(q, xs[k]) if t is None else _fma(builder, q, xs[k], t)
+                builder.store(_fma(builder, _scales16(builder, srow, soff), t, builder.load(acc)), acc)
+        return context.make_tuple(builder, sig.return_type, [_hsum(builder, builder.load(a)) for a in accs])
+
+    return codegen
+
+
+@intrinsic
+def _chunks8(typingctx, W, S, r, st, XP):
+    """Dots of the full chunks of rows r, r+st, ..., r+7st of W (bf16 scales S) with the arranged x XP."""
+    return types.UniTuple(types.float32, 8)(W, S, r, st, XP), _rows_codegen(1)
+
+
+@intrinsic
+def _chunks16(typingctx, G, SG, U, SU, r, st, XP):
+    """_chunks8 of gate and up at once (same rows, same x): sixteen streams in flight."""
+    return types.UniTuple(types.float32, 16)(G, SG, U, SU, r, st, XP), _rows_codegen(2)
+
+
+@njit(fastmath=True)
+def arrange(x, XP, g0, g1):
+    """XP[128c + 16k + i] = x[128c + 8i + k] for the groups g0 <= g < g1 (inside x's full 128-element chunks)."""
+    for g in range(g0, g1):
+        c, i0 = g // 4, 4 * (g % 4)
+        for i in range(i0, i0 + 4):
+            for k in range(8):
+                XP[CX * c + 16 * k + i] = x[CX * c + 8 * i + k]
+
+
+@njit(fastmath=True, inline="always")
+def _silu_clamped(g):
+    """silu that stays finite where exp(-g) would overflow (vectorised under fastmath, g / inf is g * rcp(inf): nan)."""
+    return g / (np.float32(1.0) + np.float32(math.exp(min(-g, np.float32(80.0)))))
+
+
+@njit(fastmath=True, inline="always")
+def _tail(w, s, x, j0, Kb):
+    """Bytes j0 <= j < Kb of row w (scales s) dotted with x in natural order, exact fp32."""
+    a = np.float32(0.0)
+    for j in range(j0, Kb):
+        a += bf16_to_f32(s[j >> 4]) * (lo_q(w[j]) * x[2 * j] + hi_q(w[j]) * x[2 * j + 1])
+    return a
+
+
+@njit(fastmath=True)
+def gemv_simd(W, S, r0, r1, XP, x, out):
+    """out[r - r0] = W[r] . x for r0 <= r < r1 (XP: x arranged for _chunks8; the last partial chunk reads x)."""
+    Kb = W.shape[1]
+    j0 = Kb // 64 * 64
+    r = r0
+    st = (r1 - r0) // 8  # stream i: rows r + i * st .. r + i * st + st - 1, one after the other
+    while st > 0 and r + 8 * st <= r1:
+        for j in range(st):
+            a = _chunks8(W, S, r + j, st, XP)
+            for i in range(8):
+                row = r + j + i * st
+                out[row - r0] = a[i] + _tail(W[row], S[row], x, j0, Kb)
+        r += 8 * st
+    while r < r1:
+        out[r - r0] = _tail(W[r], S[r], x, 0, Kb)
+        r += 1
+
+
+@njit(fastmath=True)
+def gemv_simd2(G, SG, U, SU, r0, r1, XP, x, out_g, out_u):
+    """gemv_simd for gate and up (same shape, same x), streamed together."""
+    Kb = G.shape[1]
+    j0 = Kb // 64 * 64
+    r = r0
+    st = (r1 - r0) // 8  # stream i: rows r + i * st .. r + i * st + st - 1, one after the other
+    while st > 0 and r + 8 * st <= r1:
+        for j in range(st):
+            a = _chunks16(G, SG, U, SU, r + j, st, XP)
+            for i in range(8):
+                row = r + j + i * st
+                out_g[row - r0] = a[i] + _tail(G[row], SG[row], x, j0, Kb)
+                out_u[row - r0] = a[8 + i] + _tail(U[row], SU[row], x, j0, Kb)
+        r += 8 * st
+    while r < r1:
+        out_g[r - r0] = _tail(G[r], SG[r], x, 0, Kb)
+        out_u[r - r0] = _tail(U[r], SU[r], x, 0, Kb)
+        r += 1
+
+
+@njit(parallel=True, fastmath=True, nogil=True, cache=True)
+def _moe_decode_simd(x, ids, weights, gate, gate_s, up, up_s, down, down_s, out):
+    """moe_decode_int4 with _chunks16 / _chunks8 (AVX-512)."""
+    T, H = x.shape
+    K = ids.shape[1]
+    inter = gate.shape[1]
+    P = T * K
+    gh, gi = H // 128 * 4, inter // 128 * 4  # groups in full chunks
+    XP = np.empty((T, max(1, H // 128) * CX), np.float32)
+    for t in range(T):
+        arrange(x[t], XP[t], 0, gh)
+    h = np.empty((P, inter), np.float32)
+    HP = np.empty((P, max(1, inter // 128) * CX), np.float32)
+    n_in = (inter + CHUNK - 1) // CHUNK
+    for item in prange(P * n_in):
+        p, c = item // n_in, item % n_in
+        t, e = p // K, ids[p // K, p % K]
+        if e < 0:  # an assignment computed elsewhere
+            continue
+        r0, r1 = c * CHUNK, min(inter, c * CHUNK + CHUNK)
+        g = np.empty(CHUNK, np.float32)
+        u = np.empty(CHUNK, np.float32)
+        gemv_simd2(gate[e], gate_s[e], up[e], up_s[e], r0, r1, XP[t], x[t], g, u)
+        for i in range(r1 - r0):
+            h[p, r0 + i] = _silu_clamped(g[i]) * u[i]
+        arrange(h[p], HP[p], r0 // GROUP, min(r1 // GROUP, gi))  # this item's groups of h
+    n_out = (H + CHUNK - 1) // CHUNK
+    for c in prange(n_out):
+        r0, r1 = c * CHUNK, min(H, c * CHUNK + CHUNK)
+        y = np.empty(CHUNK, np.float32)
+        for t in range(T):
+            out[t, r0:r1] = 0.0
+        for p in range(P):
+            t, k = p // K, p % K
+            e = ids[t, k]
+            if e < 0:
+                continue
+            gemv_simd(down[e], down_s[e], r0, r1, HP[p], h[p], y)
+            wk = weights[t, k]
+            for i in range(r1 - r0):
+                out[t, r0 + i] += wk * y[i]
+
+
+# ---- AVX-512 prefill path ------------------------------------------------------------------------------------
+# TRS rows x TTS tokens per step: each row's converted codes are scaled once (q * s: exact in fp32) and each x
+# vector, loaded once, feeds one FMA per row; TRS * TTS accumulators stay in registers.
+TRS, TTS = 4, 4  # 4 x 4: 92-95 GFLOP/s single-threaded from L2 (12 tokens); 2 x 8: 62, 3 x 6: 81, 4 x 6: 68
+
+
+def _micro_codegen():
+    """Code for rows r .. r+TRS-1 of W x TTS tokens (rows tok[0..TTS-1] of the arranged XP), full chunks."""
+
+    def codegen(context, builder, sig, args):
+        i8p = ir.PointerType(ir.IntType(8))
+        W = context.make_array(sig.args[0])(context, builder, args[0])
+        S = context.make_array(sig.args[1])(context, builder, args[1])
+        XP = context.make_array(sig.args[3])(context, builder, args[3])
+        tok = context.make_array(sig.args[4])(context, builder, args[4])
+        Kb = builder.extract_value(W.shape, 1)
+        sb = builder.mul(builder.extract_value(S.shape, 1), ir.Constant(_I64, 2))
+        wp, sp = builder.bitcast(W.data, i8p), builder.bitcast(S.data, i8p)
+        rows = []
+        for i in range(TRS):
+            row = builder.add(args[2], ir.Constant(_I64, i))
+            rows.append((builder.gep(wp, [builder.mul(row, Kb)]), builder.gep(sp, [builder.mul(row, sb)])))
+        xp, xstride = builder.bitcast(XP.data, i8p), builder.extract_value(XP.strides, 0)
+        toks = [builder.gep(xp, [builder.mul(builder.load(builder.gep(tok.data, [ir.Constant(_I64, j)])), xstride)])
+                for j in range(TTS)]  # fmt: skip
+        codes = ir.Constant(_V16F32, [ir.Constant(_F32, float(q)) for q in range(-8, 8)])
+        accs = [[cgutils.alloca_once_value(builder, _splat(_V16F32, 0.0)) for _ in toks] for _ in rows]
+        with cgutils.for_range(builder, builder.udiv(Kb, ir.Constant(_I64, 64))) as loop:
+            c = loop.index
+            woff, soff = builder.mul(c, ir.Constant(_I64, 64)), builder.mul(c, ir.Constant(_I64, 8))
+            xoff = builder.mul(c, ir.Constant(_I64, 4 * CX))
+            raws, svs = [], []
+            for wrow, srow in rows:
+                pf = [builder.gep(wrow, [builder.add(woff, ir.Constant(_I64, PREFETCH))])]
+                _call(builder, "llvm.prefetch.p0", ir.VoidType(), pf + [ir.Constant(_I32, v) for v in (0, 3, 1)])
+                raws.append(_vload(builder, wrow, woff, _V16I32))
+                svs.append(_scales16(builder, srow, soff))
+            vals = [[builder.load(a) for a in racc] for racc in accs]
+            for k in range(8):
+                qs = []
+                for raw, sv in zip(raws, svs):
+                    idx = builder.lshr(raw, _splat(_V16I32, 4 * k)) if k else raw
+                    q = _call(builder, "llvm.x86.avx512.permvar.sf.512", _V16F32, [codes, idx])
+                    qs.append(builder.fmul(q, sv))  # q * s, exact
+                for j, xt in enumerate(toks):
+                    xv = _vload(builder, xt, builder.add(xoff, ir.Constant(_I64, 64 * k)), _V16F32)
+                    for i, q in enumerate(qs):
+                        vals[i][j] = _fma(builder, q, xv, vals[i][j])
+            for racc, rv in zip(accs, vals):
+                for a, v in zip(racc, rv):
+                    builder.store(v, a)
+        out = [_hsum(builder, builder.load(accs[i][j])) for j in range(TTS) for i in range(TRS)]
+        return context.make_tuple(builder, sig.return_type, out)
+
+    return codegen
+
+
+@intrinsic
+def _micro_simd(typingctx, W, S, r, XP, tok):
+    """TTS x TRS dots (token-major): rows r .. r+TRS-1 of W with rows tok[0..TTS-1] of XP (full chunks)."""
+    return types.UniTuple(types.float32, TRS * TTS)(W, S, r, XP, tok), _micro_codegen()
+
+
+@njit(fastmath=True)
+def _grouped_simd(W, S, r0, r1, XP, xn, s0, n, out):
+    """out[j, r - r0] = W[r] . xn[s0 + j] for j < n, r0 <= r < r1 (XP: the same activations arranged)."""
+    Kb = W.shape[1]
+    j0 = Kb // 64 * 64
+    last = s0 + n - 1
+    tok = np.empty(TTS, np.int64)
+    r = r0
+    while r + TRS <= r1:
+        for j in range(0, n, TTS):
+            for q in range(TTS):
+                tok[q] = min(s0 + j + q, last)  # a short last group repeats the expert's last token
+            a = _micro_simd(W, S, r, XP, tok)
+            for jj in range(min(TTS, n - j)):
+                for i in range(TRS):
+                    out[j + jj, r + i - r0] = a[jj * TRS + i] + _tail(W[r + i], S[r + i], xn[s0 + j + jj], j0, Kb)
+        r += TRS
+    while r < r1:
+        for j in range(n):
+            out[j, r - r0] = _tail(W[r], S[r], xn[s0 + j], 0, Kb)
+        r += 1
+
+
+@njit(parallel=True, fastmath=True, nogil=True, cache=True)
+def _moe_prefill_simd(x, ids, weights, gate, gate_s, up, up_s, down, down_s, out):
+    """moe_prefill_int4 with _micro_simd, and the decode path's gemv_simd / gemv_simd2 for experts with few tokens."""
+    T, H = x.shape
+    K = ids.shape[1]
+    E, inter = gate.shape[0], gate.shape[1]
+    P = T * K
+    gh, gi = H // 128 * 4, inter // 128 * 4  # groups in full chunks
+    start, slot, active = group_by_expert(ids, E)  # slots start[e] .. start[e + 1] belong to expert e
+    ns = max(1, start[E])
+    xn = np.empty((ns, H), np.float32)
+    XP = np.empty((ns, max(1, H // 128) * CX), np.float32)
+    for p in prange(P):
+        if slot[p] >= 0:
+            xn[slot[p]] = x[p // K]
+            arrange(x[p // K], XP[slot[p]], 0, gh)
+    n_in, n_out = (inter + CHUNK - 1) // CHUNK, (H + CHUNK - 1) // CHUNK
+    h = np.empty((ns, inter), np.float32)
+    HP = np.empty((ns, max(1, inter // 128) * CX), np.float32)
+    for item in prange(active.shape[0] * n_in):
+        e, c = active[item // n_in], item % n_in
+        s0, n = start[e], start[e + 1] - start[e]
+        r0, r1 = c * CHUNK, min(inter, c * CHUNK + CHUNK)
+        g = np.empty((n, CHUNK), np.float32)
+        u = np.empty((n, CHUNK), np.float32)
+        if n <= STREAM_MAX:
+            for j in range(n):
+                gemv_simd2(gate[e], gate_s[e], up[e], up_s[e], r0, r1, XP[s0 + j], xn[s0 + j], g[j], u[j])
+        else:
+            _grouped_simd(gate[e], gate_s[e], r0, r1, XP, xn, s0, n, g)
+            _grouped_simd(up[e], up_s[e], r0, r1, XP, xn, s0, n, u)
+        for j in range(n):
+            for r in range(r1 - r0):
+                h[s0 + j, r0 + r] = _silu_clamped(g[j, r]) * u[j, r]
+            arrange(h[s0 + j], HP[s0 + j], r0 // GROUP, min(r1 // GROUP, gi))
+    y = np.empty((ns, H), np.float32)
+    for item in prange(active.shape[0] * n_out):
+        e, c = active[item // n_out], item % n_out
+        s0, n = start[e], start[e + 1] - start[e]
+        r0, r1 = c * CHUNK, min(H, c * CHUNK + CHUNK)
+        yo = np.empty((n, CHUNK), np.float32)
+        if n <= STREAM_MAX:
+            for j in range(n):
+                gemv_simd(down[e], down_s[e], r0, r1, HP[s0 + j], h[s0 + j], yo[j])
+        else:
+            _grouped_simd(down[e], down_s[e], r0, r1, HP, h, s0, n, yo)
+        for j in range(n):
+            y[s0 + j, r0:r1] = yo[j, : r1 - r0]
+    for t in prange(T):
+        out[t] = 0.0
+        for k in range(K):
+            if slot[t * K + k] >= 0:
+                out[t] += weights[t, k] * y[slot[t * K + k]]
+
+
+moe_decode_int4 = _moe_decode_simd if SIMD else _moe_decode_generic
+moe_prefill_int4 = _moe_prefill_simd if SIMD else _moe_prefill_generic
