@@ -202,7 +202,7 @@ def gemv_rows2(G, SG, U, SU, r0, r1, xs, out_g, out_u, SF, SF2):
 
 @njit(parallel=True, fastmath=True, nogil=True, cache=True)
 def _moe_decode_generic(x, ids, weights, gate, gate_s, up, up_s, down, down_s, out):
-    """moe_decode_int4 in plain Numba (fp32 per element, split activations): CPUs without AVX-512 VNNI."""
+    """moe_decode_int4 in plain Numba (fp32 per element, split activations): CPUs without AVX-512F."""
     T, H = x.shape
     K = ids.shape[1]
     inter = gate.shape[1]

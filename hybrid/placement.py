@@ -106,15 +106,20 @@ def _published_bytes(cfg: ModelConfig, gpu_weights: str) -> dict[str, int]:
     return _bytes(cfg, {}, gpu_weights)
 
 
+def _requantizable(cfg: ModelConfig) -> bool:
+    """Whether --gpu-weights fp8 changes anything: bf16 linears outside the routed experts (INT4 checkpoints)."""
+    return any(cfg.format_of(m) == "bf16" and ".mlp.experts." not in m for m in linear_specs(cfg))
+
+
 def _bytes(cfg: ModelConfig, dtypes: dict[str, str], gpu_weights: str) -> dict[str, int]:
     sizes: dict[str, int] = {}
-    requantized = {f"{m}.weight": shape for m, shape in linear_specs(cfg).items()
-                   if gpu_weights == "fp8" and cfg.format_of(m) == "bf16"}  # fmt: skip
+    requantized = {f"{m}.weight" for m in linear_specs(cfg)
+                   if gpu_weights == "fp8" and cfg.format_of(m) == "bf16" and ".mlp.experts." not in m}  # fmt: skip
     for name, spec in expected_tensors(cfg).items():
         if spec.kind == "int4_shape":
             continue  # checked at load, not kept
         key = _component_of(name)
-        if name in requantized and key != "routed experts":
+        if name in requantized:
             n = tensor_nbytes("F8_E4M3", spec.shape) + tensor_nbytes("F32", scale_shape(spec.shape))
         else:
             n = tensor_nbytes(dtypes.get(name, spec.dtypes[0]), spec.shape)
@@ -166,7 +171,7 @@ def plan(cfg: ModelConfig, gpu_mem: int, host_mem: int, context: int | None, hos
     if fixed > budget:
         detail = ", ".join(f"{k} {_gib(sizes[k])}" for k in gpu_parts)
         where = "GPU" if gpu else "host RAM"
-        fp8 = gpu and gpu_weights == "bf16" and component_bytes(cfg, dtypes, "fp8") != sizes
+        fp8 = gpu and gpu_weights == "bf16" and _requantizable(cfg)
         raise PlanError(
             f"the {'GPU' if gpu else 'non-expert'} part does not fit: it needs {_gib(fixed)} ({detail}, KV cache for "
             f"{context} tokens {_gib(kv_per_token * context)}{f', reserve {_gib(GPU_RESERVE)}' if gpu else ''}) but "
@@ -175,7 +180,7 @@ def plan(cfg: ModelConfig, gpu_mem: int, host_mem: int, context: int | None, hos
             f"larger {'GPU' if gpu else 'host RAM budget'}."
         )
     notes = []
-    if gpu_weights == "fp8" and sizes != component_bytes(cfg, dtypes):
+    if gpu_weights == "fp8" and _requantizable(cfg):
         notes.append("bf16 linears outside the routed experts are requantized to block-fp8 at load (--gpu-weights fp8)")
     embed_on_fast = not gpu or fixed + sizes["embeddings"] <= budget
     if gpu and embed_on_fast:
