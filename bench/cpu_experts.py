@@ -1,16 +1,19 @@
 """CPU routed-expert kernels at Kimi-K2 shapes against the machine's read bandwidth and torch's bf16 matmul.
 
+    python bench/cpu_experts.py --quick    # 48 experts (2.1 GB fp8, 1.2 GB int4), ~2 min on a 2-core box
     python bench/cpu_experts.py            # full: 384 experts (~17 GB fp8 + ~34 GB bf16), for big boxes
-    python bench/cpu_experts.py --quick    # 48 experts (2.1 GB fp8), under 40 s on a 2-core box
-    python bench/cpu_experts.py --quick --format int4   # native INT4 experts (K2-Thinking / K2.5), 1.2 GB
+    python bench/cpu_experts.py --quick --format int4   # one format only
 
-Validates both kernels against the float64 reference first, then measures, in one run: STREAM-like read
-bandwidth; the decode kernel (1 token x top-8, cycling over all experts, >= 2 GB, so caches cannot help);
-the prefill kernel at 16/128/512 tokens routed over 384 experts; torch's matmul on the same weights
-dequantized to bf16. With --format int4 the same for the native-INT4 kernels (cpu_kernels/int4.py), decode GB/s
-counting packed nibbles + bf16 scales. Prints a table, appends JSON lines to bench/results/cpu_experts.jsonl,
-and prints a JSON summary as its last line. With fewer physical experts than 384, prefill routes over 384
-virtual experts in rounds (virtual v uses physical v mod E), so each expert sees K2's token counts.
+For fp8 (K2-Instruct) and native-INT4 (K2-Thinking, K2.5+) experts in turn: validates the kernels against the
+float64 reference, then measures STREAM-like read bandwidth (all threads, and per core); the decode kernel (1
+token x top-8, cycling over all experts, >= 1 GB, so caches cannot help), exact and in the fast mode; the
+single-core ceiling of each decode kernel variant on cache-resident weights (bench/kernel_ceiling.py: the
+generic one is the fallback, so "before" and "after" show in one run); the prefill kernel at 16/128/512
+tokens routed over 384 experts against torch's matmul on the same weights dequantized to bf16 (AMX where
+present). GB/s counts weight bytes (fp8 codes; packed nibbles + bf16 scales). Prints a table, appends JSON lines
+to bench/results/cpu_experts.jsonl and prints a JSON summary as its last line (INT4 keys prefixed int4_). With
+fewer physical experts than 384, prefill routes over 384 virtual experts in rounds (virtual v uses physical
+v mod E), so each expert sees K2's token counts.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+import numba
 import numpy as np
 import torch
 
@@ -34,6 +38,7 @@ from cpu_kernels.int4 import (Int4ExpertStack, dequantize_int4, pack_int4, refer
 from hybrid.fp8 import dequantize  # noqa: E402
 from cpu_kernels.stream import read_bandwidth  # noqa: E402
 from common import RESULTS, append_result, machine  # noqa: E402
+from kernel_ceiling import ceilings  # noqa: E402
 
 H, I, TOPK, VIRTUAL_EXPERTS = 7168, 2048, 8, 384
 BASES = 4  # distinct weight contents, copied into every expert slot (values repeat, addresses do not)
@@ -151,62 +156,83 @@ def bench_prefill(stack, tw: list, T: int, rng, moe=routed_moe) -> tuple[float, 
     return flops / ours / 1e9, flops / theirs / 1e9, ours
 
 
+def run_format(fmt: str, n_experts: int, quick: bool, rng) -> tuple[list[dict], dict]:
+    """Validate, then measure one expert format: (result rows, summary fields without the format prefix)."""
+    if fmt == "int4":
+        moe, reference = routed_moe_int4, reference_moe_int4
+        stack, bases = build_int4(n_experts, rng)
+        tw = torch_weights_int4(bases, n_experts)
+    else:
+        moe, reference = routed_moe, reference_moe
+        stack, bases = build(n_experts, rng)
+        tw = torch_weights(bases, n_experts)
+    err = validate(stack, rng, moe, reference)
+    stream_bufs = [stack.gate, stack.up, stack.down]  # >= 2 GB: the experts' own memory
+    threads = numba.get_num_threads()
+    stream_before = read_bandwidth(stream_bufs)
+    calls = 48 if quick else 192
+    dec_med, dec_best = bench_decode(stack, calls, rng, moe)
+    fast_med, _ = bench_decode(stack, calls, rng, lambda *a: moe(*a, fast=True))
+    stream = max(stream_before, read_bandwidth(stream_bufs))
+    ceil = ceilings(stack, fmt)
+    default = ceil["table_fma" if "table_fma" in ceil else "avx512" if "avx512" in ceil else "generic"]["gbs"]
+    rows = [{"case": "stream_read", "gbs": round(stream, 2), "gbs_per_core": round(stream / threads, 2),
+             "bytes": sum(b.nbytes for b in stream_bufs)},
+            {"case": "decode_1x8", "gbs": round(dec_med, 2), "gbs_best": round(dec_best, 2),
+             "ratio": round(dec_med / stream, 3), "expert_bytes": stack.expert_bytes(), "cycle_bytes": stack.nbytes,
+             "validation_error": err},
+            {"case": "decode_1x8_fast", "gbs": round(fast_med, 2), "ratio": round(fast_med / stream, 3)},
+            {"case": "ceiling_1_core", "gbs": default, "kernels": ceil}]  # fmt: skip
+    for T in (16, 128, 512):
+        ours, theirs, secs = bench_prefill(stack, tw, T, rng, moe)
+        rows.append({"case": f"prefill_{T}", "gflops": round(ours, 1), "torch_bf16_gflops": round(theirs, 1),
+                     "ratio_vs_torch": round(ours / theirs, 2), "seconds": round(secs, 3)})  # fmt: skip
+    summary = {"stream_gbs": round(stream, 2), "stream_gbs_per_core": round(stream / threads, 2),
+               "decode_gbs": round(dec_med, 2), "decode_ratio": round(dec_med / stream, 3),
+               "fast_decode_ratio": round(fast_med / stream, 3), "ceiling_gbs_per_core": default,
+               "ceiling_by_kernel": {k: v["gbs"] for k, v in ceil.items()},
+               **{f"prefill_{r['case'][8:]}_vs_torch": r["ratio_vs_torch"] for r in rows[4:]}}  # fmt: skip
+    return rows, summary
+
+
+def print_table(fmt: str, rows: list[dict]) -> None:
+    print(f"{fmt} experts")
+    for r in rows:
+        if "gflops" in r:
+            desc = f"{r['gflops']:8.1f} GFLOP/s  torch bf16 {r['torch_bf16_gflops']:8.1f}  x{r['ratio_vs_torch']:.2f}"
+        elif r["case"] == "ceiling_1_core":
+            desc = "  ".join(f"{k} {v['gbs']:.1f}" for k, v in r["kernels"].items()) + " GB/s"
+        elif "ratio" in r:
+            desc = f"{r['gbs']:8.1f} GB/s  {100 * r['ratio']:5.1f}% of STREAM"
+        else:
+            desc = f"{r['gbs']:8.1f} GB/s ({r['gbs_per_core']:.1f} per core)"
+        print(f"  {r['case']:<16}{desc:>60}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="48 experts, fewer repeats (2-core box, < 40 s)")
+    p.add_argument("--quick", action="store_true", help="48 experts, fewer repeats (2-core box, ~2 min for both)")
     p.add_argument("--experts", type=int, help="physical experts (default 384, or 48 with --quick)")
-    p.add_argument("--format", choices=("fp8", "int4"), default="fp8", help="expert weight format (default fp8)")
+    p.add_argument("--format", choices=("fp8", "int4", "both"), default="both", help="expert format (default both)")
     p.add_argument("--out", type=Path, default=RESULTS / "cpu_experts.jsonl")
     args = p.parse_args()
     t_start = time.perf_counter()
     n_experts = args.experts or (48 if args.quick else VIRTUAL_EXPERTS)
     rng = np.random.default_rng(0)
     warmup()
-    if args.format == "int4":
-        moe = routed_moe_int4
-        stack, bases = build_int4(n_experts, rng)
-        err = validate(stack, rng, moe, reference_moe_int4)
-        tw = torch_weights_int4(bases, n_experts)
-    else:
-        moe = routed_moe
-        stack, bases = build(n_experts, rng)
-        err = validate(stack, rng)
-        tw = torch_weights(bases, n_experts)
-    stream_bufs = [stack.gate, stack.up, stack.down]  # >= 2 GB: the experts' own memory
     info = machine()
-    rows = []
-    stream_before = read_bandwidth(stream_bufs)
-    dec_med, dec_best = bench_decode(stack, calls=(48 if args.quick else 192), rng=rng, moe=moe)
-    stream_after = read_bandwidth(stream_bufs)
-    stream = max(stream_before, stream_after)
-    rows.append({"case": "stream_read", "gbs": round(stream, 2), "bytes": sum(b.nbytes for b in stream_bufs)})
-    rows.append({"case": "decode_1x8", "gbs": round(dec_med, 2), "gbs_best": round(dec_best, 2),
-                 "ratio": round(dec_med / stream, 3), "expert_bytes": stack.expert_bytes(),
-                 "cycle_bytes": stack.nbytes})  # fmt: skip
-    for T in (16, 128, 512):
-        ours, theirs, secs = bench_prefill(stack, tw, T, rng, moe)
-        rows.append({"case": f"prefill_{T}", "gflops": round(ours, 1), "torch_bf16_gflops": round(theirs, 1),
-                     "ratio_vs_torch": round(ours / theirs, 2), "seconds": round(secs, 3)})  # fmt: skip
+    print(f"{info['cpu']} ({'AMX' if info['amx'] else 'no AMX'}), {info['threads']} threads, {n_experts} experts")
+    summary = {}
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-    for row in rows:
-        append_result(args.out, {"time": stamp, "quick": args.quick, "format": args.format, "experts": n_experts,
-                                 **info, **row})  # fmt: skip
-    print(f"{args.format} experts; {info['cpu']} ({'AMX' if info['amx'] else 'no AMX'}), {info['threads']} threads; "
-          f"validation max relative error {err:.1e}")
-    print(f"{'case':<14}{'result':>44}")
-    for r in rows:
-        if "gflops" in r:
-            desc = f"{r['gflops']:8.1f} GFLOP/s  torch bf16 {r['torch_bf16_gflops']:8.1f}  x{r['ratio_vs_torch']:.2f}"
-        elif "ratio" in r:
-            desc = f"{r['gbs']:8.1f} GB/s (best {r['gbs_best']:.1f})  {100 * r['ratio']:5.1f}% of STREAM"
-        else:
-            desc = f"{r['gbs']:8.1f} GB/s"
-        print(f"{r['case']:<14}{desc:>44}")
-    summary = {"format": args.format,
-               "stream_gbs": round(stream, 2), "decode_gbs": round(dec_med, 2),
-               "decode_ratio": round(dec_med / stream, 3),
-               **{f"prefill_{T}_vs_torch": r["ratio_vs_torch"] for T, r in zip((16, 128, 512), rows[2:])},
-               "seconds": round(time.perf_counter() - t_start, 1), "machine": info["cpu"], "threads": info["threads"]}
+    for fmt in ("fp8", "int4") if args.format == "both" else (args.format,):
+        rows, fields = run_format(fmt, n_experts, args.quick, rng)
+        for row in rows:
+            append_result(args.out, {"time": stamp, "quick": args.quick, "format": fmt, "experts": n_experts,
+                                     **info, **row})  # fmt: skip
+        print_table(fmt, rows)
+        summary.update({(k if fmt == "fp8" else f"int4_{k}"): v for k, v in fields.items()})
+    summary.update({"seconds": round(time.perf_counter() - t_start, 1), "machine": info["cpu"],
+                    "threads": info["threads"]})  # fmt: skip
     print(json.dumps(summary))
 
 

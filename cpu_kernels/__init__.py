@@ -19,10 +19,12 @@ from .moe import FIELDS, ExpertStack, reference_moe  # noqa: E402
 __all__ = ["FIELDS", "ExpertStack", "Int4ExpertStack", "routed_moe", "reference_moe", "warmup"]
 
 
-def routed_moe(x, ids, weights, stack, out):
-    """out[t] = sum_k weights[t, k] * SwiGLU expert ids[t, k] applied to x[t] (id -1: skipped); returns out."""
-    kernel = routed_moe_int4 if isinstance(stack, Int4ExpertStack) else _fp8.routed_moe
-    return kernel(x, ids, weights, stack, out)
+def routed_moe(x, ids, weights, stack, out, fast: bool = False):
+    """out[t] = sum_k weights[t, k] * SwiGLU expert ids[t, k] applied to x[t] (id -1: skipped); returns out.
+    fast: the decode kernels may round activations (bf16 for fp8, int8 per group for INT4): see the README."""
+    if isinstance(stack, Int4ExpertStack):
+        return routed_moe_int4(x, ids, weights, stack, out, fast)
+    return _fp8.routed_moe(x, ids, weights, stack, out, fast)
 
 
 def warmup() -> None:

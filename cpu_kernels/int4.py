@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .int4_fast import VNNI, moe_decode_int4_fast
 from .int4_simd import moe_decode_int4, moe_prefill_int4
 from .moe import DECODE_MAX_TOKENS, FIELDS, check_inputs, reference_moe
 
@@ -102,7 +103,7 @@ class Int4ExpertStack:
         return self.nbytes // self.num_experts
 
 
-def routed_moe_int4(x, ids, weights, stack: Int4ExpertStack, out) -> np.ndarray:
+def routed_moe_int4(x, ids, weights, stack: Int4ExpertStack, out, fast: bool = False) -> np.ndarray:
     """out[t] = sum_k weights[t, k] * SwiGLU expert ids[t, k] applied to x[t]; out is overwritten and returned.
 
     An id of -1 skips that assignment. Up to DECODE_MAX_TOKENS tokens: the fused decode kernel; beyond: grouped.
@@ -110,7 +111,10 @@ def routed_moe_int4(x, ids, weights, stack: Int4ExpertStack, out) -> np.ndarray:
     check_inputs(x, ids, weights, stack, out)
     if x.shape[0] == 0:
         return out
-    kernel = moe_decode_int4 if x.shape[0] <= DECODE_MAX_TOKENS else moe_prefill_int4
+    if x.shape[0] > DECODE_MAX_TOKENS:
+        kernel = moe_prefill_int4
+    else:
+        kernel = moe_decode_int4_fast if fast and VNNI else moe_decode_int4
     kernel(x, ids, weights, stack.gate, stack.gate_s, stack.up, stack.up_s, stack.down, stack.down_s, out)
     return out
 

@@ -127,9 +127,12 @@ def _rows_codegen(nmat):
             xoff = builder.mul(c, ir.Constant(_I64, 4 * CX))
             xs = [_vload(builder, xp, builder.add(xoff, ir.Constant(_I64, 64 * k)), _V16F32) for k in range(8)]
             ahead = builder.add(woff, ir.Constant(_I64, PREFETCH))
+            sahead = builder.add(soff, ir.Constant(_I64, PREFETCH // 8))
             for (wrow, srow), acc in zip(rows, accs):
                 pf = [builder.gep(wrow, [ahead]), ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)]
                 _call(builder, "llvm.prefetch.p0", ir.VoidType(), pf)  # read, keep in L1, data
+                pf[0] = builder.gep(srow, [sahead])  # the scale rows too: short streams the prefetchers miss
+                _call(builder, "llvm.prefetch.p0", ir.VoidType(), pf)
                 raw = _vload(builder, wrow, woff, _V16I32)
                 t = None
                 for k in range(8):  # element 8i + k of lane i: nibble k of dword i
@@ -200,23 +203,9 @@ def gemv_simd(W, S, r0, r1, XP, x, out):
 
 @njit(fastmath=True)
 def gemv_simd2(G, SG, U, SU, r0, r1, XP, x, out_g, out_u):
-    """gemv_simd for gate and up (same shape, same x), streamed together."""
-    Kb = G.shape[1]
-    j0 = Kb // 64 * 64
-    r = r0
-    st = (r1 - r0) // 8  # stream i: rows r + i * st .. r + i * st + st - 1, one after the other
-    while st > 0 and r + 8 * st <= r1:
-        for j in range(st):
-            a = _chunks16(G, SG, U, SU, r + j, st, XP)
-            for i in range(8):
-                row = r + j + i * st
-                out_g[row - r0] = a[i] + _tail(G[row], SG[row], x, j0, Kb)
-                out_u[row - r0] = a[8 + i] + _tail(U[row], SU[row], x, j0, Kb)
-        r += 8 * st
-    while r < r1:
-        out_g[r - r0] = _tail(G[r], SG[r], x, 0, Kb)
-        out_u[r - r0] = _tail(U[r], SU[r], x, 0, Kb)
-        r += 1
+    """gemv_simd for gate, then for up."""
+    gemv_simd(G, SG, r0, r1, XP, x, out_g)
+    gemv_simd(U, SU, r0, r1, XP, x, out_u)
 
 
 @njit(parallel=True, fastmath=True, nogil=True, cache=True)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .decode import moe_decode
+from .fp8_simd import SIMD, moe_decode_simd
 from .dequant import dequantize_into
 from .linear import bf16_linear, fp8_linear
 from .prefill import moe_prefill
@@ -71,16 +72,22 @@ def check_inputs(x, ids, weights, stack: ExpertStack, out) -> None:
         raise ValueError(f"ids: expert index out of range [0, {stack.num_experts}) (or -1: skip)")
 
 
-def routed_moe(x, ids, weights, stack: ExpertStack, out) -> np.ndarray:
+def routed_moe(x, ids, weights, stack: ExpertStack, out, fast: bool = False) -> np.ndarray:
     """out[t] = sum_k weights[t, k] * SwiGLU expert ids[t, k] applied to x[t]; out is overwritten and returned.
 
     An id of -1 skips that assignment (its expert is computed elsewhere, e.g. on the GPU or in another group).
+    fast: decode with activations rounded to bf16 (fp8_simd.py; where the CPU lacks AVX-512 BF16, exact).
     """
     check_inputs(x, ids, weights, stack, out)
     if x.shape[0] == 0:
         return out
-    kernel = moe_decode if x.shape[0] <= DECODE_MAX_TOKENS else moe_prefill
-    kernel(x, ids, weights, stack.gate, stack.gate_s, stack.up, stack.up_s, stack.down, stack.down_s, out)
+    arrays = (stack.gate, stack.gate_s, stack.up, stack.up_s, stack.down, stack.down_s, out)
+    if x.shape[0] > DECODE_MAX_TOKENS:
+        moe_prefill(x, ids, weights, *arrays)
+    elif SIMD:
+        moe_decode_simd(x, ids, weights, *arrays, fast)
+    else:
+        moe_decode(x, ids, weights, *arrays)
     return out
 
 
@@ -136,7 +143,7 @@ def warmup(hidden: int = 256, inter: int = 128) -> None:
     dequantize_into(stack.gate[0], stack.gate_s[0], np.empty(stack.gate.shape[1:], np.float32))
     fp8_linear(np.ones((1, hidden), np.float32), stack.gate[0], stack.gate_s[0], np.empty((1, inter), np.float32))
     bf16_linear(np.ones((1, 8), np.float32), np.ones((4, 8), np.int16), np.empty((1, 4), np.float32))
-    for T in (1, DECODE_MAX_TOKENS + 1):
+    for T, fast in ((1, False), (1, True), (DECODE_MAX_TOKENS + 1, False)):
         x = rng.standard_normal((T, hidden)).astype(np.float32)
         ids = np.tile(np.arange(2, dtype=np.int64), (T, 1))
-        routed_moe(x, ids, np.ones((T, 2), np.float32), stack, np.empty_like(x))
+        routed_moe(x, ids, np.ones((T, 2), np.float32), stack, np.empty_like(x), fast)

@@ -3,7 +3,9 @@ A thinking model's reasoning is shown dimmed (on a terminal) before its answer."
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
 
 from .conversation import ChatSession, ContextLengthError
@@ -97,9 +99,13 @@ class ChatLoop:
             return
         parts, reasoning, calls, finish, usage = [], [], [], "stopped", {}
         t0 = time.perf_counter()
-        stream = self.session.stream(ids, max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p)
+        # Ctrl-C asks the generation to stop at the next token; a KeyboardInterrupt would be lost when it lands
+        # in a finalizer (Python ignores exceptions there), and it could not reach a running kernel anyway
+        stop = threading.Event()
+        previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
         try:
-            for ev in stream:
+            for ev in self.session.stream(ids, max_tokens=self.max_tokens, temperature=self.temperature,
+                                          top_p=self.top_p, cancel=stop):  # fmt: skip
                 if ev.kind == "reasoning":
                     reasoning.append(ev.text)
                     self.print(f"{DIM}{ev.text}{RESET}" if self.color else ev.text, end="")
@@ -114,8 +120,10 @@ class ChatLoop:
                     self.print(f"{gap}[tool call {ev.tool_call.name}({ev.tool_call.arguments})]", end="")
                 else:
                     finish, usage = ev.finish_reason, ev.usage
-        except KeyboardInterrupt:
-            stream.close()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if finish == "cancelled":
+            finish = "stopped"
             self.print("\n[stopped]", end="")
         end = time.perf_counter()
         reply = {"role": "assistant", "content": "".join(parts)}

@@ -123,6 +123,9 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefix-cache-mem", help="host RAM for the latents of earlier requests, reused by requests "
                         "that start the same way (default: half the RAM the plan leaves free, at most 16GiB; 0: off)")
     parser.add_argument("--prefix-cache-dir", help="also keep cached prefixes in this directory across restarts")
+    parser.add_argument("--fast-experts", action="store_true", help="decode the CPU experts with rounded activations "
+                        "(bf16 for fp8 experts, int8 per group for INT4): faster where cores are short of compute, "
+                        "slightly different numbers (README: fast mode)")  # fmt: skip
 
 
 def _add_gpu_weights_option(parser: argparse.ArgumentParser) -> None:
@@ -139,7 +142,8 @@ def _print_plan_notes(engine) -> None:
 
 def _engine_options(args: argparse.Namespace) -> dict:
     return {"device": args.device, "gpu_mem": args.gpu_mem, "host_mem": args.host_mem, "gpu_weights": args.gpu_weights,
-            "prefix_cache_mem": args.prefix_cache_mem, "prefix_cache_dir": args.prefix_cache_dir}
+            "prefix_cache_mem": args.prefix_cache_mem, "prefix_cache_dir": args.prefix_cache_dir,
+            "fast_experts": args.fast_experts}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,7 +75,7 @@ class ChatSession:
     @classmethod
     def open(cls, path: str | Path, max_context: int | None = None, progress: bool = True,
              **engine_options) -> "ChatSession":  # fmt: skip
-        """engine_options: device, gpu_mem, host_mem, gpu_weights, prefix_cache_mem, prefix_cache_dir (see
+        """engine_options: device, gpu_mem, host_mem, gpu_weights, prefix_cache_mem, prefix_cache_dir, fast_experts (see
         Engine.from_pretrained)."""
         engine = Engine.from_pretrained(path, progress=progress, max_context=max_context, **engine_options)
         limit = max_context or min(engine.max_context, 8192)

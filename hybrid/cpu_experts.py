@@ -90,11 +90,14 @@ class ExpertWorker:
     copy, and the worker waits for them before writing the output buffer again.
     """
 
-    def __init__(self, hidden: int, top_k: int, device=None, max_tokens: int = 64, threaded: bool | None = None):
+    def __init__(self, hidden: int, top_k: int, device=None, max_tokens: int = 64, threaded: bool | None = None,
+                 fast: bool = False):
         """device: the engine's GPU (a `hybrid.device` Device), or None when everything is on the CPU.
         threaded (default: only with a GPU) runs jobs on the worker thread. With everything on the CPU there is
-        nothing to overlap: the shared expert and the routed experts would only fight over the same cores."""
+        nothing to overlap: the shared expert and the routed experts would only fight over the same cores.
+        fast: decode with the kernels' quantized-activation mode (cpu_kernels.routed_moe)."""
         self.device = device
+        self.fast = fast
         self.threaded = device is not None if threaded is None else threaded
         self.hidden, self.top_k = hidden, top_k
         self._current: _Job | None = None  # the latest job; its staging buffers are in use
@@ -152,7 +155,7 @@ class ExpertWorker:
             t0 = time.perf_counter()
             T = job.tokens
             routed_moe(self._x[:T].numpy(), self._idx[:T].numpy(), self._w[:T].numpy(), job.stack,
-                       self._out[:T].numpy())  # fmt: skip
+                       self._out[:T].numpy(), self.fast)  # fmt: skip
             job.seconds = time.perf_counter() - t0
             self.cpu_seconds += job.seconds
             self.cpu_flops += expert_flops(job.stack, T * self.top_k)

@@ -75,7 +75,7 @@ class Engine:
     def from_pretrained(cls, path: str | Path, device: str = "cpu", gpu_mem: int | str | None = None,
                         host_mem: int | str | None = None, max_context: int | None = None, progress: bool = True,
                         experts: str = "cpu", gpu_weights: str = "bf16", prefix_cache_mem: int | str | None = None,
-                        prefix_cache_dir: str | Path | None = None) -> "Engine":  # fmt: skip
+                        prefix_cache_dir: str | Path | None = None, fast_experts: bool = False) -> "Engine":  # fmt: skip
         """Open a checkpoint directory (config.json + safetensors) after validating every tensor against the config.
 
         device "cuda": attention, dense layer, shared experts, router, norms, lm_head and the KV cache on the GPU
@@ -86,6 +86,8 @@ class Engine:
         gpu_weights "fp8": bf16 linears outside the routed experts (INT4 checkpoints) are requantized to block-fp8
         at load, for cards that cannot hold them in bf16.
         prefix_cache_mem / prefix_cache_dir: see enable_prefix_cache (on by default; 0 turns it off).
+        fast_experts: the CPU decode kernels round the routed experts' activations (bf16 for fp8 experts, int8 per
+        32-group for INT4): faster on cores short of compute, at the cost the README measures; off by default.
         """
         path = Path(path)
         cfg = ModelConfig.from_file(path)
@@ -96,7 +98,7 @@ class Engine:
         validate(ckpt, cfg)
         dtypes = {name: info.dtype for name, info in ckpt.tensors.items()}
         engine = cls.from_tensors(cfg, ckpt, device, gpu_mem, host_mem, max_context, progress, experts, dtypes, path,
-                                  gpu_weights)  # fmt: skip
+                                  gpu_weights, fast_experts)  # fmt: skip
         engine.enable_prefix_cache(prefix_cache_mem, prefix_cache_dir)
         return engine
 
@@ -105,7 +107,7 @@ class Engine:
                      gpu_mem: int | str | None = None, host_mem: int | str | None = None,
                      max_context: int | None = None, progress: bool = True, experts: str = "cpu",
                      dtypes: dict[str, str] | None = None, path: Path | None = None,
-                     gpu_weights: str = "bf16") -> "Engine":  # fmt: skip
+                     gpu_weights: str = "bf16", fast_experts: bool = False) -> "Engine":  # fmt: skip
         """Build from any source of checkpoint-named tensors (a Checkpoint, or synthetic weights made on demand)."""
         if experts not in ("cpu", "reference"):
             raise ValueError(f"experts must be 'cpu' or 'reference', got {experts!r}")
@@ -152,7 +154,7 @@ class Engine:
             import cpu_kernels
 
             cpu_kernels.warmup()  # compiled once, then loaded from Numba's disk cache: no JIT wait later
-            worker = ExpertWorker(cfg.hidden_size, cfg.num_experts_per_tok, dev, cls.PREFILL_CHUNK)
+            worker = ExpertWorker(cfg.hidden_size, cfg.num_experts_per_tok, dev, cls.PREFILL_CHUNK, fast=fast_experts)
             cache_slots = gpu_cache_slots(cfg, the_plan) if cuda else 0
             factory = _hybrid_factory(source, worker, dev, the_plan.expert_slots if tiered else 0, cache_slots,
                                       cfg.moe_layers)  # fmt: skip

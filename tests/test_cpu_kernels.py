@@ -5,11 +5,13 @@ import pytest
 import torch
 
 from cpu_kernels import ExpertStack, reference_moe, routed_moe
+from cpu_kernels import fp8_simd
 from cpu_kernels.decode import moe_decode
 from cpu_kernels.moe import DECODE_MAX_TOKENS, dequantize_np
 from cpu_kernels.prefill import moe_prefill
 
 TOL = 1e-5  # max |out - ref| / max |ref|
+FAST_TOL = 1e-3  # the fast mode against its own rounding emulated in float64 (its cost vs exact: 2e-3 to 1e-2)
 EDGE_CODES = np.array([0x00, 0x80, 0x01, 0x81, 0x07, 0x87, 0x08, 0x7E, 0xFE, 0x77, 0xF7], np.uint8)  # 0, -0,
 # subnormals (min/max, both signs), min normal, +-448, +-240
 
@@ -59,9 +61,17 @@ def test_routed_moe_at_k2_shapes(k2_stack, T):
     assert relative_error(out, reference_moe(x, ids, w, k2_stack)) <= TOL
 
 
-@pytest.mark.parametrize("kernel", [moe_decode, moe_prefill])
+def moe_decode_table(x, ids, w, *arrays):
+    """The AVX-512 table-conversion decode kernel, exact path (fp8_simd.py)."""
+    fp8_simd.moe_decode_simd(x, ids, w, *arrays, False)
+
+
+KERNELS = [moe_decode, moe_prefill] + ([moe_decode_table] if fp8_simd.SIMD else [])
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("hidden, inter", [(200, 72), (256, 96), (300, 136)])
-def test_both_kernels_on_partial_blocks(kernel, hidden, inter):
+def test_every_kernel_on_partial_blocks(kernel, hidden, inter):
     """Widths that are not multiples of 128 (or of 8 rows) through both kernels, whatever the token count."""
     stack = make_stack(E=6, hidden=hidden, inter=inter, seed=hidden)
     for T in (1, 2, 7, 13):
@@ -81,6 +91,50 @@ def test_dispatch_boundary_gives_the_same_numbers():
     moe_decode(x, ids, w, stack.gate, stack.gate_s, stack.up, stack.up_s, stack.down, stack.down_s, a)
     routed_moe(x, ids, w, stack, b)  # takes the grouped GEMM
     assert relative_error(a, b) <= TOL
+
+
+def bf16(a: np.ndarray) -> np.ndarray:
+    """float32 -> nearest bf16 (ties to even), as float64."""
+    return torch.from_numpy(np.ascontiguousarray(a, np.float32)).bfloat16().double().numpy()
+
+
+def reference_moe_fast(x, ids, weights, stack) -> np.ndarray:
+    """The fast mode's arithmetic in float64: each 128-row block multiplies bf16(activations * its column scales)
+    (full 64-column chunks; a partial last chunk stays fp32)."""
+    from cpu_kernels.moe import _E4M3_TABLE
+
+    def gemv(q, s, v):
+        K, kf = q.shape[1], q.shape[1] // 64 * 64
+        out = np.empty(q.shape[0])
+        for rb in range(s.shape[0]):
+            xs = (v.astype(np.float32) * np.repeat(s[rb], 128)[:K]).astype(np.float32)
+            xs = np.concatenate([bf16(xs[:kf]), xs[kf:].astype(np.float64)])
+            out[128 * rb : 128 * rb + 128] = _E4M3_TABLE[q[128 * rb : 128 * rb + 128].view(np.uint8)] @ xs
+        return out
+
+    out = np.zeros(x.shape)
+    for t in range(x.shape[0]):
+        for k, e in enumerate(ids[t]):
+            g, u = gemv(stack.gate[e], stack.gate_s[e], x[t]), gemv(stack.up[e], stack.up_s[e], x[t])
+            h = (g / (1 + np.exp(-g)) * u).astype(np.float32)
+            out[t] += weights[t, k] * gemv(stack.down[e], stack.down_s[e], h)
+    return out
+
+
+@pytest.mark.skipif(not fp8_simd.SIMD, reason="the fast mode needs AVX-512 BF16 and VBMI")
+@pytest.mark.parametrize("hidden, inter", [(7168, 256), (300, 136)])
+def test_fast_mode_rounds_activations_to_bf16_and_nothing_else(hidden, inter):
+    """Against the same rounding done in float64 (FAST_TOL: an h computed in fp32 can round to the other bf16
+    neighbour); against the exact reference its cost, which must be there (or the flag did not reach the kernel)
+    and stay below 1e-2."""
+    stack = make_stack(E=4, hidden=hidden, inter=inter, seed=5)
+    for T in (1, 3):
+        ids, w = route(T, 4, 2, seed=T)
+        x = np.random.default_rng(T).standard_normal((T, hidden)).astype(np.float32)
+        out = np.full_like(x, np.nan)
+        routed_moe(x, ids, w, stack, out, fast=True)
+        assert relative_error(out, reference_moe_fast(x, ids, w, stack)) <= FAST_TOL
+        assert 1e-4 < relative_error(out, reference_moe(x, ids, w, stack)) < 1e-2
 
 
 def test_reference_dequantization_matches_torch():

@@ -6,9 +6,11 @@ import torch
 
 from cpu_kernels.int4 import (Int4ExpertStack, dequantize_int4, pack_int4, reference_moe_int4, routed_moe_int4,
                               unpack_int4)  # fmt: skip
+from cpu_kernels import int4_fast
 from cpu_kernels.int4_simd import moe_decode_int4, moe_prefill_int4
 
 TOL = 1e-5  # max |out - ref| / max |ref|
+FAST_TOL = 1e-3  # the fast mode against its own rounding emulated in float64 (its cost vs exact: 2e-3 to 1e-2)
 
 
 def make_stack(E: int, hidden: int, inter: int, seed: int) -> Int4ExpertStack:
@@ -152,3 +154,42 @@ def test_input_checks_refuse_bad_arguments():
         Int4ExpertStack.from_packed((np.zeros((1, 32, 32), np.int32), torch.ones((1, 32, 8))), None, None)
     with pytest.raises(ValueError, match="weight_packed"):
         Int4ExpertStack.from_packed((np.zeros((1, 32, 32), np.int64), torch.ones((1, 32, 8))), None, None)
+
+
+def quantized(v: np.ndarray) -> np.ndarray:
+    """The fast mode's activations: int8 per 32-group with scale max|v| / 127 over the full 128-element chunks,
+    the rest exact (float64)."""
+    kf = v.shape[0] // 128 * 128
+    g = v[:kf].astype(np.float32).reshape(-1, 32)
+    s = (np.abs(g).max(1, keepdims=True) / np.float32(127)).astype(np.float32)
+    inv = np.where(s == 0, np.float32(0), np.float32(1) / np.where(s == 0, 1, s)).astype(np.float32)
+    q = np.round(g * inv).astype(np.float64) * s
+    return np.concatenate([q.reshape(-1), v[kf:].astype(np.float64)])
+
+
+def reference_moe_int4_fast(x, ids, weights, stack) -> np.ndarray:
+    from cpu_kernels.int4 import _dequant64
+
+    out = np.zeros(x.shape)
+    for t in range(x.shape[0]):
+        for k, e in enumerate(ids[t]):
+            xq = quantized(x[t])
+            g, u = _dequant64(stack.gate[e], stack.gate_s[e]) @ xq, _dequant64(stack.up[e], stack.up_s[e]) @ xq
+            h = (g / (1 + np.exp(-g)) * u).astype(np.float32)
+            out[t] += weights[t, k] * (_dequant64(stack.down[e], stack.down_s[e]) @ quantized(h))
+    return out
+
+
+@pytest.mark.skipif(not int4_fast.VNNI, reason="the INT4 fast mode needs AVX-512 VNNI")
+@pytest.mark.parametrize("hidden, inter", [(7168, 256), (224, 96)])  # 224: a partial last chunk, exact
+def test_fast_mode_quantizes_activations_per_group_and_nothing_else(hidden, inter):
+    """Against the same quantization done in float64 (FAST_TOL: an h computed in fp32 can round to the other
+    int8 neighbour); against the exact reference its cost, which must be there and stay below 3e-2."""
+    stack = make_stack(E=4, hidden=hidden, inter=inter, seed=7)
+    for T in (1, 3):
+        ids, w = route(T, 4, 2, seed=T)
+        x = np.random.default_rng(T).standard_normal((T, hidden)).astype(np.float32)
+        out = np.full_like(x, np.nan)
+        routed_moe_int4(x, ids, w, stack, out, fast=True)
+        assert relative_error(out, reference_moe_int4_fast(x, ids, w, stack)) <= FAST_TOL
+        assert 1e-4 < relative_error(out, reference_moe_int4(x, ids, w, stack)) < 3e-2

@@ -1,0 +1,168 @@
+"""The INT4 decode kernel's fast mode: activations quantized to int8 per 32-element group, nibbles times int8
+by AVX-512 VNNI (vpdpbusd), as llama.cpp's Q4 x Q8 and KTransformers do. Off by default (the quality numbers are in
+the README); the exact kernel is int4_simd.py's.
+
+A 64-byte load of a row holds 128 weights: its low nibbles (weights 2b) and high nibbles (2b + 1) are masked into
+two byte vectors of unsigned codes n = q + 8, and each vpdpbusd sums four n * x8 products per dword lane, so lane
+i of a chunk gathers weights 8i .. 8i + 7 (group i // 4). Per lane and chunk: t = dot - 8 * (sum of its 8 x8, per
+token), then acc += float(t) * (weight scale * activation scale): 12 vector ops per 64 bytes and row (exact
+path: 25). x8 = round(x / s), s = max|x| / 127 per group; rows whose length is not a multiple of 128 finish their
+last partial chunk in exact fp32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from . import simd_ir as sir
+from .int4_kernels import CHUNK, GROUP
+from .int4_simd import _scales16, _silu_clamped, _tail
+
+VNNI = sir.has_features("HYBRID_INT4_SIMD", "avx512f", "avx512bw", "avx512vnni")
+CB = 64  # bytes (128 weights) per chunk
+PREFETCH = 512
+_V64I8 = sir.V64I8
+
+
+def _rows_codegen():
+    """Dots of the full chunks of rows r + i * st (i < 8) with a token's quantized activations Q."""
+
+    def codegen(context, builder, sig, args):
+        W, S, r, st, Q = args
+        wp, Wa = sir.array_data(context, builder, sig.args[0], W)
+        sp, Sa = sir.array_data(context, builder, sig.args[1], S)
+        qp, _ = sir.array_data(context, builder, sig.args[4], Q)
+        Kb = builder.extract_value(Wa.shape, 1)
+        sb = builder.mul(builder.extract_value(Sa.shape, 1), ir.Constant(sir.I64, 2))
+        rows = []
+        for i in range(8):
+            row = builder.add(r, builder.mul(st, ir.Constant(sir.I64, i)))
+            rows.append((builder.gep(wp, [builder.mul(row, Kb)]), builder.gep(sp, [builder.mul(row, sb)])))
+        low = sir.splat(_V64I8, 15)
+        accs = [cgutils.alloca_once_value(builder, sir.splat(sir.V16F32, 0.0)) for _ in rows]
+        with cgutils.for_range(builder, builder.udiv(Kb, ir.Constant(sir.I64, CB))) as loop:
+            c = loop.index
+            woff, soff = builder.mul(c, ir.Constant(sir.I64, CB)), builder.mul(c, ir.Constant(sir.I64, 8))
+            qoff = builder.mul(c, ir.Constant(sir.I64, 256))  # per chunk: x8 lo, x8 hi, lane sums, lane scales
+            xl = sir.vload(builder, qp, qoff, _V64I8)
+            xh = sir.vload(builder, qp, builder.add(qoff, ir.Constant(sir.I64, 64)), _V64I8)
+            xsum = sir.vload(builder, qp, builder.add(qoff, ir.Constant(sir.I64, 128)), sir.V16I32)
+            xscale = sir.vload(builder, qp, builder.add(qoff, ir.Constant(sir.I64, 192)), sir.V16F32)
+            ahead = builder.add(woff, ir.Constant(sir.I64, PREFETCH))
+            sahead = builder.add(soff, ir.Constant(sir.I64, PREFETCH // 8))
+            for (wrow, srow), acc in zip(rows, accs):
+                sir.prefetch(builder, builder.gep(wrow, [ahead]))
+                sir.prefetch(builder, builder.gep(srow, [sahead]))  # short scale rows: the prefetchers miss them
+                raw = sir.vload(builder, wrow, woff, _V64I8)
+                lo = builder.and_(raw, low)
+                hi = builder.and_(builder.bitcast(builder.lshr(builder.bitcast(raw, sir.V16I32),
+                                                               sir.splat(sir.V16I32, 4)), _V64I8), low)  # fmt: skip
+                t = sir.call(builder, "llvm.x86.avx512.vpdpbusd.512", sir.V16I32, [sir.splat(sir.V16I32, 0), lo, xl])
+                t = sir.call(builder, "llvm.x86.avx512.vpdpbusd.512", sir.V16I32, [t, hi, xh])
+                f = builder.sitofp(builder.sub(t, xsum), sir.V16F32)
+                scale = builder.fmul(_scales16(builder, srow, soff), xscale)
+                builder.store(sir.fma(builder, f, scale, builder.load(acc)), acc)
+        return context.make_tuple(builder, sig.return_type, [sir.hsum(builder, builder.load(a)) for a in accs])
+
+    return codegen
+
+
+@intrinsic
+def _rows8(typingctx, W, S, r, st, Q):
+    return types.UniTuple(types.float32, 8)(W, S, r, st, Q), _rows_codegen()
+
+
+@njit(fastmath=True)
+def quantize(x, Q):
+    """Q (int8 view, 256 bytes per 128-element chunk): x8 of the low-nibble and of the high-nibble weights, then
+    per dword lane 8 * the sum of its 8 x8 (int32) and its group's scale max|x| / 127 (float32)."""
+    Qi, Qf = Q.view(np.int32), Q.view(np.float32)
+    x8 = np.empty(CB * 2, np.int8)
+    for c in range(x.shape[0] // (2 * CB)):
+        for g in range(4):
+            k0 = 2 * CB * c + GROUP * g
+            amax = np.float32(0.0)
+            for k in range(GROUP):
+                amax = max(amax, abs(x[k0 + k]))
+            s = amax / np.float32(127.0)
+            inv = np.float32(0.0) if s == 0 else np.float32(1.0) / s
+            for k in range(GROUP):
+                x8[GROUP * g + k] = np.int8(round(x[k0 + k] * inv))
+            for lane in range(4 * g, 4 * g + 4):
+                Qf[64 * c + 48 + lane] = s
+        for b in range(CB):
+            Q[256 * c + b], Q[256 * c + 64 + b] = x8[2 * b], x8[2 * b + 1]
+        for lane in range(16):
+            t = 0
+            for k in range(8):
+                t += x8[8 * lane + k]
+            Qi[64 * c + 32 + lane] = 8 * t
+
+
+@njit(fastmath=True)
+def gemv_fast(W, S, r0, r1, Q, x, out):
+    """out[r - r0] = W[r] . x for r0 <= r < r1 with the quantized activations Q (`quantize`d x)."""
+    Kb = W.shape[1]
+    j0 = Kb // CB * CB
+    r = r0
+    st = (r1 - r0) // 8
+    while st > 0 and r + 8 * st <= r1:
+        for j in range(st):
+            a = _rows8(W, S, r + j, st, Q)
+            for i in range(8):
+                row = r + j + i * st
+                out[row - r0] = a[i] + _tail(W[row], S[row], x, j0, Kb)
+        r += 8 * st
+    while r < r1:
+        out[r - r0] = _tail(W[r], S[r], x, 0, Kb)
+        r += 1
+
+
+@njit(parallel=True, fastmath=True, nogil=True, cache=True)
+def moe_decode_int4_fast(x, ids, weights, gate, gate_s, up, up_s, down, down_s, out):
+    """int4_simd._moe_decode_simd with int8 activations (phase 1 quantizes x, phase 2 each h)."""
+    T, H = x.shape
+    K = ids.shape[1]
+    inter = gate.shape[1]
+    P = T * K
+    QX = np.empty((T, max(1, H // 128) * 256), np.int8)
+    for t in range(T):
+        quantize(x[t], QX[t])
+    h = np.empty((P, inter), np.float32)
+    n_in = (inter + CHUNK - 1) // CHUNK
+    for item in prange(P * n_in):
+        p, c = item // n_in, item % n_in
+        t, e = p // K, ids[p // K, p % K]
+        if e < 0:  # an assignment computed elsewhere
+            continue
+        r0, r1 = c * CHUNK, min(inter, c * CHUNK + CHUNK)
+        g = np.empty(CHUNK, np.float32)
+        u = np.empty(CHUNK, np.float32)
+        gemv_fast(gate[e], gate_s[e], r0, r1, QX[t], x[t], g)
+        gemv_fast(up[e], up_s[e], r0, r1, QX[t], x[t], u)
+        for i in range(r1 - r0):
+            h[p, r0 + i] = _silu_clamped(g[i]) * u[i]
+    QH = np.empty((P, max(1, inter // 128) * 256), np.int8)
+    for p in prange(P):
+        quantize(h[p], QH[p])
+    n_out = (H + CHUNK - 1) // CHUNK
+    for c in prange(n_out):
+        r0, r1 = c * CHUNK, min(H, c * CHUNK + CHUNK)
+        y = np.empty(CHUNK, np.float32)
+        for t in range(T):
+            out[t, r0:r1] = 0.0
+        for p in range(P):
+            t, k = p // K, p % K
+            e = ids[t, k]
+            if e < 0:
+                continue
+            gemv_fast(down[e], down_s[e], r0, r1, QH[p], h[p], y)
+            wk = weights[t, k]
+            for i in range(r1 - r0):
+                out[t, r0 + i] += wk * y[i]
