@@ -52,7 +52,7 @@ budget)
         --gpu-mem 6GiB 10GiB --out-dir "$OUT" 2>&1 | grep -v writing | tail -20
     ;;
 experts)
-    python3 bench/cpu_experts.py --out "$OUT/cpu_experts.jsonl" 2>&1 | tail -12
+    python3 bench/cpu_experts.py --format fp8 --out "$OUT/cpu_experts.jsonl" 2>&1 | tail -12
     ;;
 *)
     echo "usage: bash bench/gpu_box.sh all|tests|kernels|decode|budget|experts" >&2

@@ -36,7 +36,8 @@ def _fp8_simd(G, SG, U, SU, x, reps, fast):
     for _ in range(reps):
         fp8_simd.prepare(xa, SG[0], xg, fast)
         fp8_simd.prepare(xa, SU[0], xu, fast)
-        fp8_simd.gemv2(G, SG[0], U, SU[0], 0, ROWS, xg, xu, x, g, u, fast)
+        fp8_simd.gemv(G, SG[0], 0, ROWS, xg, x, g, fast)
+        fp8_simd.gemv(U, SU[0], 0, ROWS, xu, x, u, fast)
     return g.sum() + u.sum()
 
 

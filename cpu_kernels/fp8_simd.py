@@ -1,19 +1,21 @@
-"""fp8 e4m3 decode kernel with AVX-512 BF16 inner loops (decode.py and fp8.py are the generic fallback).
+"""fp8 e4m3 decode kernel with AVX-512 table conversion (decode.py and fp8.py are the generic fallback).
 
-The generic kernel converts each code to fp32 through fp16 (vcvtph2ps: 2 uops per 16 codes) and needs one FMA
-per 16 weights: ~20 uops per 64 bytes and row, 17 GB/s per core from L2, below the DRAM share of bandwidth-rich
-cores. Here each 64-byte load of a row is turned into 64 exact bf16 weights by two 128-entry table lookups
-(vpermi2b: the low and the high byte of the bf16 pattern of |code|; e4m3 has 3 mantissa bits and an exponent
-range bf16 covers, subnormals included), one vpternlog for the sign, and two byte interleaves (vpunpck*bw).
-vdpbf16ps then multiplies 32 weight pairs by 32 activation pairs per instruction. The products of two bf16 are
-exact in fp32, so the exact path splits each scaled activation into PARTS = 3 bf16 parts (x = p0 + p1 + p2 + r,
-|r| <= 2^-24 |x|) and takes one vdpbf16ps per part: fp32-exact like the generic kernel. The fast mode keeps one
-part (activations rounded to bf16, relative error <= 2^-9 each).
+The generic kernel converts each code to fp32 through fp16 (vcvtph2ps: 2 uops per 16 codes): ~20 uops per 64
+bytes and row, 16.5 GB/s per core from L2, short of the DRAM share of bandwidth-rich cores. Here each 64-byte
+load of a row becomes 64 exact bf16 weights by two 128-entry table lookups (vpermi2b: the low and the high byte
+of the bf16 pattern of |code|; e4m3's 3 mantissa bits and exponent range fit bf16, subnormals included), one
+vpternlog for the sign and two byte interleaves (vpunpck*bw). Exact path: each dword of bf16 words is widened to
+two fp32 weights by a shift and a mask, 4 fp32 FMAs per 64 weights: 13 vector ops, 22 GB/s per core (1.34x),
+fp32-exact like the generic kernel. Fast mode: activations rounded to bf16 and 2 vdpbf16ps per 64 weights
+(relative error <= 2^-9 per activation; on this Xeon vdpbf16ps is slow enough that it is not faster, 20.5 GB/s).
+Measured, not kept: x split into three bf16 parts with vdpbf16ps (exact, 9.8 GB/s per core); 16 rows in flight
+(gate and up together: spills, 17 GB/s); AMX tdpbf16ps on tiles of converted weights (exact with the three parts
+as three columns, but the tile stores bound it: 20.7 GB/s; 24.4 without the dot products, 60 without conversion).
 Activation layout: the interleave puts codes 16L + j (lane L < 4, j < 8) in words 8L + j of the first bf16
-vector and codes 16L + 8 + j in the second, so x is arranged once per token into that order (`arrange`), and
-per 128-row block scaled by the block's scales and split (`split`). Work split as decode.py (phase 1: gate and
-up per (assignment, 64-row item); phase 2: 64-row output chunks summed over assignments), 8 rows in flight per
-matrix, stream i reading rows r + 8i .. r + 8i + 7 one after another, 512 B software prefetch per row.
+vector and codes 16L + 8 + j in the second, so x is arranged once per token into the order the path reads
+(`arrange`), then per 128-row block scaled by that block's column scales (`prepare`). Work split as decode.py
+(phase 1: gate, then up, per (assignment, 64-row item); phase 2: 64-row output chunks summed over assignments),
+8 rows in flight, stream i reading rows r + 8i .. r + 8i + 7 one after another, 512 B software prefetch per row.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ from .fp8 import FP8_UNIT, fp8_to_f32
 SIMD = sir.has_features("HYBRID_FP8_SIMD", "avx512f", "avx512bw", "avx512vbmi", "avx512bf16")
 CHUNK = 64  # rows per work item (within one 128-row scale block)
 CX = 64  # codes per 64-byte chunk of a row
-PARTS = 3  # bf16 parts per activation on the exact path
 PREFETCH = 512  # bytes ahead in each weight row
 
 
@@ -57,20 +58,17 @@ def _bytes(vals) -> ir.Constant:
     return ir.Constant(sir.V64I8, [ir.Constant(sir.I8, int(v) - 256 if v > 127 else int(v)) for v in vals])
 
 
-def _rows_codegen(nmat: int, fast: bool):
-    """Dots of the full 64-byte chunks of rows r + i * st (i < 8) of nmat matrices, each with its arranged x:
-    fp32 (exact: the bf16 words widened by a shift and a mask, 4 FMAs) or bf16 (fast: 2 vdpbf16ps)."""
+def _rows_codegen(fast: bool):
+    """Dots of the full 64-byte chunks of rows r + i * st (i < 8) of W with the arranged x: fp32 (exact: the bf16
+    words widened by a shift and a mask, 4 FMAs) or bf16 (fast: 2 vdpbf16ps)."""
 
     def codegen(context, builder, sig, args):
-        r, st = args[nmat], args[nmat + 1]
-        rows, xbase = [], []
-        for m in range(nmat):
-            wp, W = sir.array_data(context, builder, sig.args[m], args[m])
-            Kb = builder.extract_value(W.shape, 1)
-            for i in range(8):
-                row = builder.add(r, builder.mul(st, ir.Constant(sir.I64, i)))
-                rows.append((m, builder.gep(wp, [builder.mul(row, Kb)])))
-            xbase.append(sir.array_data(context, builder, sig.args[nmat + 2 + m], args[nmat + 2 + m])[0])
+        r, st = args[1], args[2]
+        wp, W = sir.array_data(context, builder, sig.args[0], args[0])
+        Kb = builder.extract_value(W.shape, 1)
+        rows = [builder.gep(wp, [builder.mul(builder.add(r, builder.mul(st, ir.Constant(sir.I64, i))), Kb)])
+                for i in range(8)]  # fmt: skip
+        xp = sir.array_data(context, builder, sig.args[3], args[3])[0]
         tables = [_bytes(t) for t in (_LO[:64], _LO[64:], _HI[:64], _HI[64:])]
         sign, high = sir.splat(sir.V64I8, -128), sir.splat(sir.V16I32, 0xFFFF0000 - (1 << 32))
         accs = [cgutils.alloca_once_value(builder, sir.splat(sir.V16F32, 0.0)) for _ in rows]
@@ -78,14 +76,14 @@ def _rows_codegen(nmat: int, fast: bool):
             woff = builder.mul(loop.index, ir.Constant(sir.I64, CX))
             if fast:  # 64 bf16 words per chunk: the first and the second interleaved vector's activations
                 xoff = builder.mul(loop.index, ir.Constant(sir.I64, 2 * CX))
-                xs = [[sir.vload(builder, xp, builder.add(xoff, ir.Constant(sir.I64, 64 * q)), sir.V32BF16)
-                       for q in range(2)] for xp in xbase]  # fmt: skip
+                xs = [sir.vload(builder, xp, builder.add(xoff, ir.Constant(sir.I64, 64 * q)), sir.V32BF16)
+                      for q in range(2)]  # fmt: skip
             else:  # 64 floats per chunk: even and odd words of the first vector, then of the second
                 xoff = builder.mul(loop.index, ir.Constant(sir.I64, 4 * CX))
-                xs = [[sir.vload(builder, xp, builder.add(xoff, ir.Constant(sir.I64, 64 * q)), sir.V16F32)
-                       for q in range(4)] for xp in xbase]  # fmt: skip
+                xs = [sir.vload(builder, xp, builder.add(xoff, ir.Constant(sir.I64, 64 * q)), sir.V16F32)
+                      for q in range(4)]  # fmt: skip
             ahead = builder.add(woff, ir.Constant(sir.I64, PREFETCH))
-            for (m, wrow), acc in zip(rows, accs):
+            for wrow, acc in zip(rows, accs):
                 if PREFETCH: sir.prefetch(builder, builder.gep(wrow, [ahead]))
                 raw = sir.vload(builder, wrow, woff, sir.V64I8)
                 lo = sir.call(builder, "llvm.x86.avx512.vpermi2var.qi.512", sir.V64I8, [tables[0], raw, tables[1]])
@@ -95,34 +93,29 @@ def _rows_codegen(nmat: int, fast: bool):
                          for w in (_WORDS_A, _WORDS_B)]  # fmt: skip
                 v = builder.load(acc)
                 if fast:
-                    for w, xv in zip(words, xs[m]):
+                    for w, xv in zip(words, xs):
                         v = sir.dpbf16(builder, v, builder.bitcast(w, sir.V32BF16), xv)
                 else:
                     for q, w in enumerate(words):
                         d = builder.bitcast(w, sir.V16I32)
                         even = builder.bitcast(builder.shl(d, sir.splat(sir.V16I32, 16)), sir.V16F32)
                         odd = builder.bitcast(builder.and_(d, high), sir.V16F32)
-                        v = sir.fma(builder, odd, xs[m][2 * q + 1], sir.fma(builder, even, xs[m][2 * q], v))
+                        v = sir.fma(builder, odd, xs[2 * q + 1], sir.fma(builder, even, xs[2 * q], v))
                 builder.store(v, acc)
         return context.make_tuple(builder, sig.return_type, [sir.hsum(builder, builder.load(a)) for a in accs])
 
     return codegen
 
 
-def _rows_intrinsics(fast: bool):
+def _rows_intrinsic(fast: bool):
     @intrinsic
     def rows8(typingctx, W, r, st, X):
-        return types.UniTuple(types.float32, 8)(W, r, st, X), _rows_codegen(1, fast)
+        return types.UniTuple(types.float32, 8)(W, r, st, X), _rows_codegen(fast)
 
-    @intrinsic
-    def rows16(typingctx, G, U, r, st, XG, XU):
-        return types.UniTuple(types.float32, 16)(G, U, r, st, XG, XU), _rows_codegen(2, fast)
-
-    return rows8, rows16
+    return rows8
 
 
-_rows8, _rows16 = _rows_intrinsics(False)
-_rows8_fast, _rows16_fast = _rows_intrinsics(True)
+_rows8, _rows8_fast = _rows_intrinsic(False), _rows_intrinsic(True)
 
 
 @intrinsic
@@ -216,13 +209,6 @@ def gemv(W, s, r0, r1, xs, x, out, fast):
         r += 1
 
 
-@njit(fastmath=True)
-def gemv2(G, sg, U, su, r0, r1, xg, xu, x, out_g, out_u, fast):
-    """gemv for gate, then for up (sixteen rows in flight at once spill registers: 17 GB/s per core, not 22)."""
-    gemv(G, sg, r0, r1, xg, x, out_g, fast)
-    gemv(U, su, r0, r1, xu, x, out_u, fast)
-
-
 @njit(fastmath=True, inline="always")
 def _silu(g):
     return g / (np.float32(1.0) + np.float32(math.exp(min(-g, np.float32(80.0)))))
@@ -254,7 +240,8 @@ def moe_decode_simd(x, ids, weights, gate, gate_s, up, up_s, down, down_s, out, 
         prepare(xa[t], su, xu, fast)
         g = np.empty(CHUNK, np.float32)
         u = np.empty(CHUNK, np.float32)
-        gemv2(gate[e], sg, up[e], su, r0, r1, xg, xu, x[t], g, u, fast)
+        gemv(gate[e], sg, r0, r1, xg, x[t], g, fast)  # gate's 8 rows, then up's: 16 at once spill registers
+        gemv(up[e], su, r0, r1, xu, x[t], u, fast)
         for i in range(r1 - r0):
             h[p, r0 + i] = _silu(g[i]) * u[i]
     ha = np.empty((P, nf), np.float32)

@@ -8,12 +8,13 @@ low nibble up in the 16 codes -8..7 (fp32), so element 8i + k of the chunk is vp
 (7 shifts + 8 lookups per 128 elements, the -8 included). x is copied once per token into the matching order
 (`arrange`: XP[128c + 16k + i] = x[128c + 8i + k]). Lane i lies in group i // 4 of the chunk, so decode sums
 the 8 products per lane (t, 8 FMAs) and adds t * scale (one FMA; the 4 bf16 scales are widened and spread
-over the lanes by one vpermt2w): 25 vector ops per 64 bytes and row, 16 GB/s per core from L2. Work split and
-rows in flight as in decode.py (8 rows of gate and 8 of up per call), but stream i of a 64-row item reads
-rows r + 8i .. r + 8i + 7 one after the other (long sequential streams: +4% over rows a page apart) and each
-row is prefetched PREFETCH bytes ahead in software (+5 to 9%). Measured on the dev box (2 cores, STREAM
-27-29 GB/s, bench/cpu_experts.py --quick --format int4): 20.7-21.6 GB/s, 0.75-0.77 of STREAM (generic: 14.7-15.0,
-0.54-0.55). Prefill: a 4-row x 4-token register tile scales each converted code vector once (q * s, exact) and
+over the lanes by one vpermt2w): 25 vector ops per 64 bytes and row, 17 GB/s per core from L2. Work split as
+in decode.py, 8 rows in flight (gate's 8, then up's: 16 at once spill registers, 15.3 GB/s per core), stream i
+of a 64-row item reading rows r + 8i .. r + 8i + 7 one after the other (long sequential streams: +4% over rows a
+page apart); each row, and its scale row (short streams the hardware prefetchers miss: +5 to 8% end to end), is
+prefetched PREFETCH bytes ahead in software. Measured on the dev box (2 cores, STREAM 26-28 GB/s,
+bench/cpu_experts.py --quick): 0.85-0.90 of STREAM (generic: 0.54). The fast mode (int8 activations, VNNI) is
+int4_fast.py. Prefill: a 4-row x 4-token register tile scales each converted code vector once (q * s, exact) and
 feeds it to 4 tokens (92-95 GFLOP/s single-threaded from L2, generic 80); experts with at most STREAM_MAX tokens
 stream their rows per token like decode; 16 / 128 / 512 tokens: 74 / 98 / 142 GFLOP/s (generic 52 / 80 / 124).
 Row lengths that are not a multiple of 128 elements end in `_tail` (scalar, exact fp32).
@@ -25,7 +26,6 @@ Alternatives measured: AVX-512 VNNI with x split into four int8 digits of a 28-b
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 from llvmlite import ir
@@ -33,64 +33,18 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from . import simd_ir as sir
 from .int4_kernels import (CHUNK, GROUP, STREAM_MAX, _moe_decode_generic, _moe_prefill_generic, bf16_to_f32,
                            hi_q, lo_q)  # fmt: skip
 from .prefill import group_by_expert
+from .simd_ir import F32 as _F32, I16 as _I16, I32 as _I32, I64 as _I64, V16F32 as _V16F32, V16I32 as _V16I32
+from .simd_ir import call as _call, fma as _fma, hsum as _hsum, splat as _splat, vload as _vload
 
 
 
-def _cpu_features() -> str:
-    from numba.core import config
-
-    if config.CPU_FEATURES is not None:
-        return config.CPU_FEATURES
-    if config.CPU_NAME is not None:  # a named target (NUMBA_CPU_NAME=generic for portable caches): no host features
-        return ""
-    import llvmlite.binding as llvm
-
-    return llvm.get_host_cpu_features().flatten()
-
-
-def _simd_available() -> bool:
-    if os.environ.get("HYBRID_INT4_SIMD", "1") == "0":
-        return False
-    return "+avx512f" in _cpu_features().split(",")
-
-
-SIMD = _simd_available()
+SIMD = sir.has_features("HYBRID_INT4_SIMD", "avx512f")
 CX = 128  # floats per 128-element chunk of an arranged x
 PREFETCH = 512  # bytes ahead in each weight row (software prefetch into L1)
-
-_I16, _I32, _I64, _F32 = ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
-_V16I32, _V16F32 = ir.VectorType(_I32, 16), ir.VectorType(_F32, 16)
-
-
-def _splat(vty, v):
-    return ir.Constant(vty, [ir.Constant(vty.element, v)] * vty.count)
-
-
-def _call(builder, name, ret, args):
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
-    return builder.call(fn, args)
-
-
-def _vload(builder, base, off, vty):
-    """Unaligned load of a vector at byte offset `off` (i64) from the i8* `base`."""
-    return builder.load(builder.bitcast(builder.gep(base, [off]), vty.as_pointer()), align=1)
-
-
-def _fma(builder, a, b, c):
-    return _call(builder, "llvm.fma.v16f32", _V16F32, [a, b, c])
-
-
-def _hsum(builder, v):
-    n = 16
-    while n > 1:
-        n //= 2
-        lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), list(range(n))))
-        hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), list(range(n, 2 * n))))
-        v = builder.fadd(lo, hi, flags=("fast",))
-    return builder.extract_element(v, ir.Constant(_I32, 0))
 
 
 def _scales16(builder, base, off):
@@ -151,12 +105,6 @@ def _chunks8(typingctx, W, S, r, st, XP):
     return types.UniTuple(types.float32, 8)(W, S, r, st, XP), _rows_codegen(1)
 
 
-@intrinsic
-def _chunks16(typingctx, G, SG, U, SU, r, st, XP):
-    """_chunks8 of gate and up at once (same rows, same x): sixteen streams in flight."""
-    return types.UniTuple(types.float32, 16)(G, SG, U, SU, r, st, XP), _rows_codegen(2)
-
-
 @njit(fastmath=True)
 def arrange(x, XP, g0, g1):
     """XP[128c + 16k + i] = x[128c + 8i + k] for the groups g0 <= g < g1 (inside x's full 128-element chunks)."""
@@ -210,7 +158,7 @@ def gemv_simd2(G, SG, U, SU, r0, r1, XP, x, out_g, out_u):
 
 @njit(parallel=True, fastmath=True, nogil=True, cache=True)
 def _moe_decode_simd(x, ids, weights, gate, gate_s, up, up_s, down, down_s, out):
-    """moe_decode_int4 with _chunks16 / _chunks8 (AVX-512)."""
+    """moe_decode_int4 with _chunks8 (AVX-512)."""
     T, H = x.shape
     K = ids.shape[1]
     inter = gate.shape[1]

@@ -5,6 +5,7 @@ import json
 
 import openai
 import pytest
+import torch
 from test_server import start_server
 
 from hybrid.conversation import ChatSession
@@ -43,6 +44,27 @@ def test_the_gpu_path_decodes_the_same_tokens_on_the_trained_model(demo):
     top2 = cpu.engine.logits(prompt + ours[:-1])[len(prompt) - 1 :].topk(2).values
     assert float(((top2[:, 0] - top2[:, 1]) / top2[:, 0].abs()).min()) > 2e-2
     assert list(gpu.generate(prompt, 32)) == ours
+
+
+def test_fast_experts_keep_the_trained_answers(demo):
+    """The fast mode (rounded expert activations in decode) reaches the kernels, where the CPU has them: its decode
+    logits differ from the exact ones, yet every trained reply comes out the same (bench/fast_experts_quality.py
+    has the numbers)."""
+    from conftest import prefill_then_decode_logits
+
+    from cpu_kernels import fp8_simd
+
+    exact = ChatSession.open(demo, progress=False)
+    fast = ChatSession.open(demo, progress=False, fast_experts=True)
+    for messages, reply in TRANSCRIPTS:
+        tools = [WEATHER_TOOL] if uses_tools(messages, reply) else None
+        a, b = (s.complete(messages, tools=tools, max_tokens=80, temperature=0.0) for s in (exact, fast))
+        assert (b.content, b.tool_calls, b.finish_reason) == (a.content, a.tool_calls, a.finish_reason)
+    ids = exact.prompt_ids(TRANSCRIPTS[0][0])
+    ids += list(exact.engine.generate(ids, 8))
+    la, lb = (prefill_then_decode_logits(s.engine, ids, len(ids) - 8) for s in (exact, fast))
+    assert (not torch.equal(la, lb)) == fp8_simd.SIMD
+    assert float((la - lb).abs().max() / la.abs().max()) < 1e-2
 
 
 @pytest.fixture(scope="module")
