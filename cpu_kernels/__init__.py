@@ -27,7 +27,8 @@ def routed_moe(x, ids, weights, stack, out, fast: bool = False):
     return _fp8.routed_moe(x, ids, weights, stack, out, fast)
 
 
-def warmup() -> None:
-    """Compile (or load from Numba's disk cache) every kernel once, so no request waits on the JIT."""
+def warmup(fast: bool = False) -> None:
+    """Compile (or load from Numba's disk cache) every kernel once, so no request waits on the JIT (fast: the
+    fast-mode decode kernels too)."""
     _fp8.warmup()
-    warmup_int4()
+    warmup_int4(fast=fast)

@@ -119,8 +119,8 @@ def routed_moe_int4(x, ids, weights, stack: Int4ExpertStack, out, fast: bool = F
     return out
 
 
-def warmup_int4(hidden: int = 64, inter: int = 32) -> None:
-    """Compile (or load from Numba's disk cache) the decode and prefill INT4 kernels once."""
+def warmup_int4(hidden: int = 64, inter: int = 32, fast: bool = False) -> None:
+    """Compile (or load from Numba's disk cache) the decode and prefill INT4 kernels once (fast: its decode too)."""
     rng = np.random.default_rng(0)
     E = 2
 
@@ -130,10 +130,10 @@ def warmup_int4(hidden: int = 64, inter: int = 32) -> None:
 
     (g, gs), (u, us), (d, ds) = part(inter, hidden), part(inter, hidden), part(hidden, inter)
     stack = Int4ExpertStack(g, gs, u, us, d, ds)
-    for T in (1, DECODE_MAX_TOKENS + 1):
+    for T, fast_decode in ((1, False), (1, fast), (DECODE_MAX_TOKENS + 1, False)):
         x = rng.standard_normal((T, hidden)).astype(np.float32)
         ids = np.tile(np.arange(E, dtype=np.int64), (T, 1))
-        routed_moe_int4(x, ids, np.ones((T, E), np.float32), stack, np.empty_like(x))
+        routed_moe_int4(x, ids, np.ones((T, E), np.float32), stack, np.empty_like(x), fast_decode)
 
 
 # ---- plain references (numpy), for tests and validation --------------------------------------------------

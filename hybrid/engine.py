@@ -153,7 +153,7 @@ class Engine:
         else:
             import cpu_kernels
 
-            cpu_kernels.warmup()  # compiled once, then loaded from Numba's disk cache: no JIT wait later
+            cpu_kernels.warmup(fast_experts)  # compiled once, then loaded from Numba's disk cache: no JIT wait later
             worker = ExpertWorker(cfg.hidden_size, cfg.num_experts_per_tok, dev, cls.PREFILL_CHUNK, fast=fast_experts)
             cache_slots = gpu_cache_slots(cfg, the_plan) if cuda else 0
             factory = _hybrid_factory(source, worker, dev, the_plan.expert_slots if tiered else 0, cache_slots,
