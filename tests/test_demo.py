@@ -32,7 +32,7 @@ def test_greedy_decoding_gives_the_trained_answers(demo, i):
 
 def test_the_gpu_path_decodes_the_same_tokens_on_the_trained_model(demo):
     """The well-conditioned case for the GPU path (bf16 KV cache, Triton decode kernels; the stand-in without a
-    GPU): the trained model's greedy tokens equal the CPU path's for 32 steps, every step by a clear margin."""
+    GPU): the trained model's greedy tokens equal the CPU path's for 24 steps, every step by a clear margin."""
     from hybrid import Engine, ModelConfig
     from hybrid.placement import gpu_mem_for
 
@@ -40,10 +40,10 @@ def test_the_gpu_path_decodes_the_same_tokens_on_the_trained_model(demo):
     gpu_mem = gpu_mem_for(ModelConfig.from_file(demo), 0, 512)  # routed experts all on the CPU worker
     gpu = Engine.from_pretrained(demo, device="cuda", gpu_mem=gpu_mem, progress=False, max_context=512)
     prompt = cpu.prompt_ids(TRANSCRIPTS[0][0])
-    ours = list(cpu.engine.generate(prompt, 32))  # past the answer's end: no stop tokens
+    ours = list(cpu.engine.generate(prompt, 24))  # most of the 25-token reply
     top2 = cpu.engine.logits(prompt + ours[:-1])[len(prompt) - 1 :].topk(2).values
     assert float(((top2[:, 0] - top2[:, 1]) / top2[:, 0].abs()).min()) > 2e-2
-    assert list(gpu.generate(prompt, 32)) == ours
+    assert list(gpu.generate(prompt, 24)) == ours
 
 
 def test_fast_experts_keep_the_trained_answers(demo):

@@ -132,7 +132,7 @@ def test_int4_checkpoints_match_transformers(layout, checkpoint_factory, referen
 
     on_gpu = Engine.from_pretrained(ckpt, device="cuda", progress=False, max_context=64)
     on_gpu.kv_dtype = torch.float32  # as in test_logits_match_transformers: bf16 latents move near-tie routing
-    stepwise = prefill_then_decode_logits(on_gpu, ids, 28)
+    stepwise = prefill_then_decode_logits(on_gpu, ids, 34)  # 6 decode steps: the interpreter is slow
     errors = [relative_error(on_gpu.logits(ids), theirs), relative_error(stepwise, theirs)]
     print(f"{layout}: GPU path prefill / decode vs transformers {errors[0]:.1e} / {errors[1]:.1e}")
     assert max(errors) <= GPU_TOL
