@@ -29,15 +29,14 @@ demo: venv $(DEMO_MODEL)/config.json
 GPU_PATH := hybrid/device.py,hybrid/gpu_kernels.py,hybrid/gpu_experts.py,hybrid/gpu_cache.py,hybrid/cpu_experts.py,cuda/*.py
 
 # Two pytest processes, one per core (the suite is mostly single-threaded Python: servers, the Triton
-# interpreter, coverage tracing). Coverage is measured in the one that tests the GPU path (TESTS_GPU: those
-# alone give the gate's number; tracing the rest would only slow it). Some in-process tests (CPU kernels,
-# chat rendering, config) run there too, to balance the two (~4.5 min each on a clean checkout); not ones that
-# start subprocesses, which pytest-cov would trace as well. PASSIVE: one process's OpenMP threads sleep
-# instead of spinning on the core the other one needs.
+# interpreter, coverage tracing). Coverage is measured in the one that runs TESTS_GPU: the GPU-path tests that
+# alone give the gate's number, plus in-process tests (CPU kernels, chat rendering, config) for balance; never
+# ones that start subprocesses, which pytest-cov traces too. The parity tests run untraced in the other process:
+# tracing the interpreter there tripled their time. ~4.5 min each on a clean checkout. PASSIVE: one process's
+# OpenMP threads sleep instead of spinning on the core the other one needs.
 TESTS_GPU := tests/test_gpu_kernels.py tests/test_hybrid.py tests/test_tiers.py tests/test_formats.py \
-	tests/test_device.py tests/test_gpu_compile.py tests/test_parity.py tests/test_cpu_kernels.py \
-	tests/test_int4_kernels.py tests/test_chat.py tests/test_prefix_cache.py tests/test_config.py \
-	tests/test_checkpoint.py
+	tests/test_device.py tests/test_gpu_compile.py tests/test_cpu_kernels.py tests/test_int4_kernels.py \
+	tests/test_chat.py tests/test_prefix_cache.py tests/test_config.py tests/test_checkpoint.py
 PYTEST := OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -p no:cacheprovider
 
 test: venv
