@@ -30,8 +30,8 @@ GPU_PATH := hybrid/device.py,hybrid/gpu_kernels.py,hybrid/gpu_experts.py,hybrid/
 
 # Two pytest processes, one per core (the suite is mostly single-threaded Python: servers, the Triton
 # interpreter, coverage tracing). Coverage is measured in the one that runs TESTS_GPU: the GPU-path tests that
-# alone give the gate's number, plus in-process tests (CPU kernels, chat rendering, config) for balance; never
-# ones that start subprocesses, which pytest-cov traces too. The parity tests run untraced in the other process:
+# alone give the gate's number, plus in-process tests (CPU kernels, chat rendering, config) for balance, not
+# ones that start subprocesses (pytest-cov traces those too). The parity tests run untraced in the other process:
 # tracing the interpreter there tripled their time. ~4.5 min each on a clean checkout. PASSIVE: one process's
 # OpenMP threads sleep instead of spinning on the core the other one needs.
 TESTS_GPU := tests/test_gpu_kernels.py tests/test_hybrid.py tests/test_tiers.py tests/test_formats.py \
