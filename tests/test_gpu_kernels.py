@@ -422,7 +422,8 @@ def test_input_checks_name_the_argument(case):
 def test_standin_interprets_even_after_triton_was_imported_and_set_to_compile():
     """HYBRID_GPU_STANDIN=1 wins over an earlier `import triton` (whose own @jit helpers then cannot be called)."""
     code = ("import triton; triton.knobs.runtime.interpret = False\n"
-            "import torch; torch.manual_seed(0); from hybrid import gpu_kernels as gk; from hybrid.fp8 import quantize\n"
+            "import torch; from hybrid import gpu_kernels as gk; from hybrid.fp8 import quantize\n"
+            "torch.manual_seed(0)\n"
             "w = quantize(torch.randn(4, 8)); x = torch.randn(1, 8)\n"
             "ref = gk.fp8_linear_reference(x, w.q, w.scale)\n"
             "assert torch.allclose(gk.fp8_linear(x, w.q, w.scale), ref, atol=1e-5)\n"
