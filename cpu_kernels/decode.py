@@ -23,6 +23,12 @@ def _silu(g):
     return g / (np.float32(1.0) + np.float32(math.exp(-g)))
 
 
+@njit(fastmath=True, inline="always")
+def _silu_clamped(g):
+    """silu that stays finite where exp(-g) would overflow (vectorised under fastmath, g / inf is g * rcp(inf): nan)."""
+    return g / (np.float32(1.0) + np.float32(math.exp(min(-g, np.float32(80.0)))))
+
+
 @njit(parallel=True, fastmath=True, nogil=True, cache=True)
 def moe_decode(x, ids, weights, gate, gate_s, up, up_s, down, down_s, out):
     """out[t] = sum_k weights[t, k] * down(silu(gate x_t) * up x_t) of expert ids[t, k]; out is overwritten."""

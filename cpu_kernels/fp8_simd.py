@@ -20,8 +20,6 @@ vector and codes 16L + 8 + j in the second, so x is arranged once per token into
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -29,6 +27,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import simd_ir as sir
+from .decode import _silu_clamped
 from .fp8 import FP8_UNIT, fp8_to_f32
 
 SIMD = sir.has_features("HYBRID_FP8_SIMD", "avx512f", "avx512bw", "avx512vbmi", "avx512bf16")
@@ -209,11 +208,6 @@ def gemv(W, s, r0, r1, xs, x, out, fast):
         r += 1
 
 
-@njit(fastmath=True, inline="always")
-def _silu(g):
-    return g / (np.float32(1.0) + np.float32(math.exp(min(-g, np.float32(80.0)))))
-
-
 @njit(parallel=True, fastmath=True, nogil=True, cache=True)
 def moe_decode_simd(x, ids, weights, gate, gate_s, up, up_s, down, down_s, out, fast):
     """decode.moe_decode with the table-converted rows (fast: activations rounded to bf16, vdpbf16ps)."""
@@ -243,7 +237,7 @@ def moe_decode_simd(x, ids, weights, gate, gate_s, up, up_s, down, down_s, out, 
         gemv(gate[e], sg, r0, r1, xg, x[t], g, fast)  # gate's 8 rows, then up's: 16 at once spill registers
         gemv(up[e], su, r0, r1, xu, x[t], u, fast)
         for i in range(r1 - r0):
-            h[p, r0 + i] = _silu(g[i]) * u[i]
+            h[p, r0 + i] = _silu_clamped(g[i]) * u[i]
     ha = np.empty((P, nf), np.float32)
     for p in prange(P):
         arrange(h[p], ha[p], 0, nf, fast)

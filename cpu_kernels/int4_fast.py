@@ -12,8 +12,6 @@ last partial chunk in exact fp32.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -21,8 +19,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import simd_ir as sir
+from .decode import _silu_clamped
 from .int4_kernels import CHUNK, GROUP
-from .int4_simd import _scales16, _silu_clamped, _tail
+from .int4_simd import _scales16, _tail
 
 VNNI = sir.has_features("HYBRID_INT4_SIMD", "avx512f", "avx512bw", "avx512vnni")
 CB = 64  # bytes (128 weights) per chunk

@@ -25,8 +25,6 @@ Alternatives measured: AVX-512 VNNI with x split into four int8 digits of a 28-b
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -34,6 +32,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import simd_ir as sir
+from .decode import _silu_clamped
 from .int4_kernels import (CHUNK, GROUP, STREAM_MAX, _moe_decode_generic, _moe_prefill_generic, bf16_to_f32,
                            hi_q, lo_q)  # fmt: skip
 from .prefill import group_by_expert
@@ -113,12 +112,6 @@ def arrange(x, XP, g0, g1):
         for i in range(i0, i0 + 4):
             for k in range(8):
                 XP[CX * c + 16 * k + i] = x[CX * c + 8 * i + k]
-
-
-@njit(fastmath=True, inline="always")
-def _silu_clamped(g):
-    """silu that stays finite where exp(-g) would overflow (vectorised under fastmath, g / inf is g * rcp(inf): nan)."""
-    return g / (np.float32(1.0) + np.float32(math.exp(min(-g, np.float32(80.0)))))
 
 
 @njit(fastmath=True, inline="always")
