@@ -38,7 +38,7 @@ from cpu_kernels.int4 import (Int4ExpertStack, dequantize_int4, pack_int4, refer
 from hybrid.fp8 import dequantize  # noqa: E402
 from cpu_kernels.stream import read_bandwidth  # noqa: E402
 from common import RESULTS, append_result, machine  # noqa: E402
-from kernel_ceiling import ceilings  # noqa: E402
+from kernel_ceiling import EXACT, ceilings  # noqa: E402
 
 H, I, TOPK, VIRTUAL_EXPERTS = 7168, 2048, 8, 384
 BASES = 4  # distinct weight contents, copied into every expert slot (values repeat, addresses do not)
@@ -175,7 +175,7 @@ def run_format(fmt: str, n_experts: int, quick: bool, rng) -> tuple[list[dict], 
     fast_med, _ = bench_decode(stack, calls, rng, lambda *a: moe(*a, fast=True))
     stream = max(stream_before, read_bandwidth(stream_bufs))
     ceil = ceilings(stack, fmt)
-    default = ceil["table_fma" if "table_fma" in ceil else "avx512" if "avx512" in ceil else "generic"]["gbs"]
+    default = ceil[next(k for k in EXACT if k in ceil)]["gbs"]
     rows = [{"case": "stream_read", "gbs": round(stream, 2), "gbs_per_core": round(stream / threads, 2),
              "bytes": sum(b.nbytes for b in stream_bufs)},
             {"case": "decode_1x8", "gbs": round(dec_med, 2), "gbs_best": round(dec_best, 2),

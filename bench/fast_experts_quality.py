@@ -5,7 +5,7 @@ from the exact path.
     python bench/fast_experts_quality.py --cases demo --new 16   # the trained model only, shorter
 
 Fast mode rounds the activations the routed experts' decode kernels read: to bf16 for fp8 experts (vdpbf16ps), to
-int8 per 32-element group for INT4 experts (VNNI). Prefill (more than 4 tokens per step) stays exact, so every
+int8 per 32-element group for INT4 experts (VNNI or AVX2). Prefill (more than 4 tokens per step) stays exact, so every
 number here comes from decode steps: each prompt is prefilled up to its last token, then the last prompt token and
 the exact engine's greedy continuation are fed one token at a time (teacher forced: both engines see the same
 tokens). Over those decoded positions, fast engine against exact engine (same checkpoint, device "cpu"):

@@ -91,22 +91,27 @@ def _instructions(run) -> float | None:
     return None
 
 
+EXACT = ("table_fma", "avx2_place", "avx512", "avx2", "generic")  # the exact kernels, the one decode uses first
+
+
 def ceilings(stack, fmt: str, seconds: float = 1.0) -> dict:
     """{kernel name: {"gbs": single-thread GB/s of weight bytes, "instructions_per_weight": ... or None}}."""
     G, SG, U, SU = stack.gate[0], stack.gate_s[0], stack.up[0], stack.up_s[0]
     x = np.random.default_rng(1).standard_normal(stack.hidden).astype(np.float32)
     if fmt == "fp8":
         kernels = {"generic": lambda n: _fp8_generic(G, SG, U, SU, x, n)}
-        if fp8_simd.SIMD:
-            kernels["table_fma"] = lambda n: _fp8_simd(G, SG, U, SU, x, n, False)
+        if fp8_simd.SIMD:  # the exact SIMD kernel: AVX-512 tables, or AVX2 placement
+            name = "table_fma" if fp8_simd.ISA == "avx512" else "avx2_place"
+            kernels[name] = lambda n: _fp8_simd(G, SG, U, SU, x, n, False)
+        if fp8_simd.FAST:
             kernels["bf16dot_fast"] = lambda n: _fp8_simd(G, SG, U, SU, x, n, True)
         weight_bytes = 2 * ROWS * G.shape[1]
     else:
         kernels = {"generic": lambda n: _int4_generic(G, SG, U, SU, x, n)}
         if int4_simd.SIMD:
-            kernels["avx512"] = lambda n: _int4_simd(G, SG, U, SU, x, n)
-        if int4_fast.VNNI:
-            kernels["vnni_fast"] = lambda n: _int4_fast(G, SG, U, SU, x, n)
+            kernels[getattr(int4_simd, "ISA", "avx512")] = lambda n: _int4_simd(G, SG, U, SU, x, n)
+        if int4_fast.FAST:
+            kernels["vnni_fast" if int4_fast.VNNI else "avx2_fast"] = lambda n: _int4_fast(G, SG, U, SU, x, n)
         weight_bytes = 2 * ROWS * (G.shape[1] + 2 * SG.shape[1])  # packed nibbles + bf16 scales
     weights = 2 * ROWS * stack.hidden
     out = {}

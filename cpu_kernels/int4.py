@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .int4_fast import VNNI, moe_decode_int4_fast
+from .int4_fast import FAST, moe_decode_int4_fast
 from .int4_simd import moe_decode_int4, moe_prefill_int4
 from .moe import DECODE_MAX_TOKENS, FIELDS, check_inputs, reference_moe
 
@@ -114,7 +114,7 @@ def routed_moe_int4(x, ids, weights, stack: Int4ExpertStack, out, fast: bool = F
     if x.shape[0] > DECODE_MAX_TOKENS:
         kernel = moe_prefill_int4
     else:
-        kernel = moe_decode_int4_fast if fast and VNNI else moe_decode_int4
+        kernel = moe_decode_int4_fast if fast and FAST else moe_decode_int4
     kernel(x, ids, weights, stack.gate, stack.gate_s, stack.up, stack.up_s, stack.down, stack.down_s, out)
     return out
 

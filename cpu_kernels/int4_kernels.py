@@ -3,8 +3,8 @@
 Weights: uint8 byte view [N, K/2] of the int32 `weight_packed` (byte j holds element 2j in its low nibble and
 2j+1 in its high nibble, offset binary: q = nibble - 8) and uint16 bf16 bits [N, K/32] of `weight_scale`.
 Arithmetic everywhere: fp32 products of x with the exact weights (q * s is exact in fp32) and fp32 sums.
-These are the generic kernels; where the CPU has AVX-512F, int4_simd.py's are used instead (`moe_decode_int4`,
-`moe_prefill_int4` there pick; HYBRID_INT4_SIMD=0 forces the generic ones).
+These are the generic kernels; where the CPU has AVX-512F (or, for decode, AVX2 + FMA), int4_simd.py's are used
+instead (`moe_decode_int4`, `moe_prefill_int4` there pick; HYBRID_INT4_SIMD=0 forces the generic ones).
 
 Generic: activations in a *split* layout, [x0 x2 x4 ... | x1 x3 x5 ...], so byte j of a row pairs with xs[j]
 (low nibble) and xs[K/2 + j] (high nibble); byte j adds s * (q_lo * xe + q_hi * xo) to one fp32 accumulator
@@ -202,7 +202,7 @@ def gemv_rows2(G, SG, U, SU, r0, r1, xs, out_g, out_u, SF, SF2):
 
 @njit(parallel=True, fastmath=True, nogil=True, cache=True)
 def _moe_decode_generic(x, ids, weights, gate, gate_s, up, up_s, down, down_s, out):
-    """moe_decode_int4 in plain Numba (fp32 per element, split activations): CPUs without AVX-512F."""
+    """moe_decode_int4 in plain Numba (fp32 per element, split activations): CPUs without AVX-512F or AVX2."""
     T, H = x.shape
     K = ids.shape[1]
     inter = gate.shape[1]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .decode import moe_decode
-from .fp8_simd import SIMD, moe_decode_simd
+from .fp8_simd import FAST, SIMD, moe_decode_simd
 from .dequant import dequantize_into
 from .linear import bf16_linear, fp8_linear
 from .prefill import moe_prefill
@@ -76,7 +76,7 @@ def routed_moe(x, ids, weights, stack: ExpertStack, out, fast: bool = False) -> 
     """out[t] = sum_k weights[t, k] * SwiGLU expert ids[t, k] applied to x[t]; out is overwritten and returned.
 
     An id of -1 skips that assignment (its expert is computed elsewhere, e.g. on the GPU or in another group).
-    fast: decode with activations rounded to bf16 (fp8_simd.py; where the CPU lacks AVX-512 BF16, exact).
+    fast: decode with activations rounded to bf16 (fp8_simd.py; without AVX-512 BF16 it decodes exactly).
     """
     check_inputs(x, ids, weights, stack, out)
     if x.shape[0] == 0:
@@ -85,7 +85,7 @@ def routed_moe(x, ids, weights, stack: ExpertStack, out, fast: bool = False) -> 
     if x.shape[0] > DECODE_MAX_TOKENS:
         moe_prefill(x, ids, weights, *arrays)
     elif SIMD:
-        moe_decode_simd(x, ids, weights, *arrays, fast)
+        moe_decode_simd(x, ids, weights, *arrays, fast and FAST)
     else:
         moe_decode(x, ids, weights, *arrays)
     return out

@@ -1,5 +1,6 @@
-"""LLVM IR building blocks for the AVX-512 inner loops (int4_simd.py, fp8_simd.py): what Numba's vectoriser will
-not emit (vpermps / vpermi2b table lookups, vdpbf16ps) is written here once and inlined into Numba intrinsics."""
+"""LLVM IR building blocks for the AVX-512 and AVX2 inner loops (int4_simd.py, fp8_simd.py): what Numba's vectoriser
+will not emit (vpermps / vpermi2b table lookups, vdpbf16ps, in-register code placement) is written here once and
+inlined into Numba intrinsics."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from numba.core import cgutils
 
 I8, I16, I32, I64, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 V16I32, V16F32, V64I8 = ir.VectorType(I32, 16), ir.VectorType(F32, 16), ir.VectorType(I8, 64)
+V8I32, V8F32, V16I16, V32I8 = ir.VectorType(I32, 8), ir.VectorType(F32, 8), ir.VectorType(I16, 16), ir.VectorType(I8, 32)
 I8P = ir.PointerType(I8)
 
 
@@ -42,6 +44,17 @@ def cpu_features() -> list[str]:
     return llvm.get_host_cpu_features().flatten().split(",")
 
 
+def cpu_name() -> str:
+    """The CPU Numba compiles for (NUMBA_CPU_NAME, else the host's, e.g. "znver3", "sapphirerapids")."""
+    from numba.core import config
+
+    if config.CPU_NAME is not None:
+        return config.CPU_NAME
+    import llvmlite.binding as llvm
+
+    return llvm.get_host_cpu_name()
+
+
 def has_features(env: str, *features: str) -> bool:
     """All of `features` (e.g. "avx512f") are compiled for, and the env switch `env` is not "0"."""
     have = cpu_features()
@@ -49,6 +62,9 @@ def has_features(env: str, *features: str) -> bool:
 
 
 def splat(vty, v):
+    """<n x ty> of v; an unsigned integer pattern (0xFFFF0000) is wrapped into the element's signed range."""
+    if isinstance(vty.element, ir.IntType) and v >= 1 << (vty.element.width - 1):
+        v -= 1 << vty.element.width
     return ir.Constant(vty, [ir.Constant(vty.element, v)] * vty.count)
 
 
@@ -63,12 +79,19 @@ def vload(builder, base, off, vty):
 
 
 def fma(builder, a, b, c):
-    return call(builder, "llvm.fma.v16f32", V16F32, [a, b, c])
+    """a * b + c, one rounding (<16 x float> or <8 x float>)."""
+    return call(builder, f"llvm.fma.v{a.type.count}f32", a.type, [a, b, c])
 
 
 def dpbf16(builder, acc, a, b):
     """acc[i] += a[2i] * b[2i] + a[2i+1] * b[2i+1] (vdpbf16ps: bf16 products are exact in fp32)."""
     return call(builder, "llvm.x86.avx512bf16.dpbf16ps.512", V16F32, [acc, a, b])
+
+
+def opaque(builder, p):
+    """p, hidden from LLVM's optimiser (an empty inline asm): loads through it are not merged across rows, so they
+    stay memory operands of the FMAs instead of values held in (and spilled from) the 16 AVX2 registers."""
+    return builder.call(ir.InlineAsm(ir.FunctionType(p.type, [p.type]), "", "=r,0", side_effect=True), [p])
 
 
 def prefetch(builder, ptr):

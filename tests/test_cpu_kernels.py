@@ -1,5 +1,7 @@
 """Numba fp8 expert kernels against a float64 reference at Kimi-K2 shapes, edge codes included."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -62,7 +64,7 @@ def test_routed_moe_at_k2_shapes(k2_stack, T):
 
 
 def moe_decode_table(x, ids, w, *arrays):
-    """The AVX-512 table-conversion decode kernel, exact path (fp8_simd.py)."""
+    """The SIMD decode kernel, exact path (fp8_simd.py: AVX-512 table conversion, or AVX2 placement on AMD)."""
     fp8_simd.moe_decode_simd(x, ids, w, *arrays, False)
 
 
@@ -79,6 +81,34 @@ def test_every_kernel_on_partial_blocks(kernel, hidden, inter):
         x = np.random.default_rng(T).standard_normal((T, hidden)).astype(np.float32)
         out = np.full_like(x, np.nan)
         kernel(x, ids, w, stack.gate, stack.gate_s, stack.up, stack.up_s, stack.down, stack.down_s, out)
+        assert relative_error(out, reference_moe(x, ids, w, stack)) <= TOL
+
+
+def test_simd_kernel_is_the_one_this_cpu_gets():
+    """AVX-512 (VBMI, BF16) -> the table kernel; AVX2 + FMA on AMD Zen -> the placement kernel; else generic."""
+    from cpu_kernels import simd_ir
+
+    feats = set(simd_ir.cpu_features())
+    avx512 = {"+avx512f", "+avx512bw", "+avx512vbmi", "+avx512bf16"} <= feats
+    avx2 = {"+avx2", "+fma"} <= feats and simd_ir.cpu_name().startswith("znver")
+    expected = "avx512" if avx512 else "avx2" if avx2 else None
+    if os.environ.get("HYBRID_FP8_SIMD") == "0":
+        expected = None
+    assert fp8_simd.ISA == expected and fp8_simd.SIMD == (expected is not None)
+
+
+@pytest.mark.parametrize("x_scale, s_in, s_down", [(1e6, 1e3, 1e-18), (1e-7, 1e-5, 1e6), (1.0, 1e-3, 1e-3)])
+def test_decode_stays_exact_for_extreme_activations_and_scales(x_scale, s_in, s_down):
+    """Activations times scales from ~2^-40 to ~2^30 (gate/up, then down): the AVX2 kernel carries a 2^60 factor in
+    the scaled activations (finite up to |x s| = 2^68, normal products down to 2^-51); all paths stay within TOL."""
+    stack = make_stack(E=4, hidden=384, inter=256, seed=8)
+    for name, scale in (("gate_s", s_in), ("up_s", s_in), ("down_s", s_down)):
+        setattr(stack, name, (getattr(stack, name) / 1e-3 * scale).astype(np.float32))
+    for T in (1, 2):
+        ids, w = route(T, 4, 2, seed=T)
+        x = (np.random.default_rng(T).standard_normal((T, 384)) * x_scale).astype(np.float32)
+        out = np.full_like(x, np.nan)
+        routed_moe(x, ids, w, stack, out)
         assert relative_error(out, reference_moe(x, ids, w, stack)) <= TOL
 
 
@@ -121,7 +151,7 @@ def reference_moe_fast(x, ids, weights, stack) -> np.ndarray:
     return out
 
 
-@pytest.mark.skipif(not fp8_simd.SIMD, reason="the fast mode needs AVX-512 BF16 and VBMI")
+@pytest.mark.skipif(not fp8_simd.FAST, reason="the fast mode needs AVX-512 BF16 and VBMI")
 @pytest.mark.parametrize("hidden, inter", [(7168, 256), (300, 136)])
 def test_fast_mode_rounds_activations_to_bf16_and_nothing_else(hidden, inter):
     """Against the same rounding done in float64 (FAST_TOL: an h computed in fp32 can round to the other bf16

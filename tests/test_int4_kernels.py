@@ -1,5 +1,9 @@
 """Numba native-INT4 expert kernels (Kimi-K2-Thinking / K2.5 format) against a float64 reference at K2 shapes."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -180,7 +184,7 @@ def reference_moe_int4_fast(x, ids, weights, stack) -> np.ndarray:
     return out
 
 
-@pytest.mark.skipif(not int4_fast.VNNI, reason="the INT4 fast mode needs AVX-512 VNNI")
+@pytest.mark.skipif(not int4_fast.FAST, reason="the INT4 fast mode needs AVX-512 VNNI or AVX2")
 @pytest.mark.parametrize("hidden, inter", [(7168, 256), (224, 96)])  # 224: a partial last chunk, exact
 def test_fast_mode_quantizes_activations_per_group_and_nothing_else(hidden, inter):
     """Against the same quantization done in float64 (FAST_TOL: an h computed in fp32 can round to the other
@@ -193,3 +197,105 @@ def test_fast_mode_quantizes_activations_per_group_and_nothing_else(hidden, inte
         routed_moe_int4(x, ids, w, stack, out, fast=True)
         assert relative_error(out, reference_moe_int4_fast(x, ids, w, stack)) <= FAST_TOL
         assert 1e-4 < relative_error(out, reference_moe_int4(x, ids, w, stack)) < 3e-2
+
+
+# ---- the decode inner loop (int4_simd.gemv_simd: AVX-512 or AVX2), row by row --------------------------------
+
+
+def _host_has(*features) -> bool:
+    from cpu_kernels import simd_ir
+
+    have = simd_ir.cpu_features()
+    return all(f"+{f}" in have for f in features)
+
+
+def test_decode_isa_is_picked_once_and_prefill_stays_put():
+    """AVX2 + FMA without AVX-512F: the AVX2 decode path with the generic prefill; HYBRID_INT4_SIMD=0: generic."""
+    from cpu_kernels import int4_simd
+
+    if os.environ.get("HYBRID_INT4_SIMD") == "0":
+        assert int4_simd.ISA is None and int4_simd.moe_decode_int4 is int4_simd._moe_decode_generic
+    elif _host_has("avx512f"):
+        assert int4_simd.ISA == "avx512" and int4_simd.moe_prefill_int4 is int4_simd._moe_prefill_simd
+    elif _host_has("avx2", "fma"):
+        assert int4_simd.ISA == "avx2" and int4_simd.CX == 144
+        assert int4_simd.moe_decode_int4 is int4_simd._moe_decode_simd
+        assert int4_simd.moe_prefill_int4 is int4_simd._moe_prefill_generic
+    else:
+        assert int4_simd.ISA is None
+    code = "from cpu_kernels import int4_simd as m; print(m.ISA, m.moe_decode_int4.py_func.__name__)"
+    env = {**os.environ, "HYBRID_INT4_SIMD": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["None", "_moe_decode_generic"]
+
+
+def _rows_case(rows: int, K: int, seed: int):
+    """Codes with every nibble value in every nibble position of a word; bf16 scales from 2^-90 to 2^90 (and
+    plain ones) mixed in each row; x with a wide range of magnitudes (all >= 2^-102: the AVX2 layout's 2^-24)."""
+    rng = np.random.default_rng(seed)
+    q = rng.integers(-8, 8, size=(rows, K), dtype=np.int8)
+    for p in range(8):  # row p % rows: words of code c at position p, c = -8..7
+        q[p % rows, : 8 * (K // 8)].reshape(-1, 8)[: 16, p] = np.arange(-8, 8)[: K // 8]
+    e = rng.integers(-90, 91, size=(rows, K // 32))
+    e[::3] = rng.integers(-8, 1, size=e[::3].shape)  # some rows with ordinary scales only
+    s = (np.ldexp(1.0, e) * rng.choice([-1.5, -1.0, 1.0, 1.25], size=e.shape)).astype(np.float32)
+    s_bits = (s.view(np.uint32) >> 16).astype(np.uint16)  # exact: at most 3 significant bits
+    x = (rng.standard_normal(K) * np.ldexp(1.0, rng.integers(-16, 17, size=K))).astype(np.float32)
+    return pack_int4(q).view(np.uint8), s_bits, x
+
+
+@pytest.mark.parametrize("rows, K", [(67, 7168 + 96), (13, 416), (8, 128), (21, 96), (64, 2048)])
+def test_gemv_simd_rows_exact_in_fp32(rows, K):
+    """Every row against float64: within 1e-5 of sum |w x| (fp32 sums); K not a multiple of 128 runs the tail,
+    rows not a multiple of 8 the leftover-row path."""
+    from cpu_kernels import int4_simd
+    from cpu_kernels.int4 import _dequant64
+
+    if not int4_simd.SIMD:
+        pytest.skip("no AVX-512F or AVX2 + FMA: the generic kernels run")
+    W, S, x = _rows_case(rows, K, seed=rows + K)
+    kf = K // 128
+    XP = np.full(max(1, kf) * int4_simd.CX, np.nan, np.float32)  # poisoned: only what arrange writes is read
+    int4_simd.arrange(x, XP, 0, 4 * kf)
+    out = np.full(rows + 3, np.nan, np.float32)
+    int4_simd.gemv_simd(W, S, 0, rows, XP, x, out[3:])
+    w = _dequant64(W, S)
+    ref, mag = w @ x.astype(np.float64), np.abs(w) @ np.abs(x.astype(np.float64))
+    assert np.isfinite(out[3:]).all() and np.isnan(out[:3]).all()
+    assert (np.abs(out[3:] - ref) <= 1e-5 * mag).all(), np.max(np.abs(out[3:] - ref) / mag)
+
+
+def test_gemv_simd2_row_ranges_match_gemv_simd():
+    """gemv_simd2 over a sub-range of rows (r0 > 0, a ragged count): the same numbers as gemv_simd."""
+    from cpu_kernels import int4_simd
+
+    if not int4_simd.SIMD:
+        pytest.skip("no AVX-512F or AVX2 + FMA: the generic kernels run")
+    G, SG, x = _rows_case(80, 7168, seed=5)
+    U, SU, _ = _rows_case(80, 7168, seed=6)
+    XP = np.empty(56 * int4_simd.CX, np.float32)
+    int4_simd.arrange(x, XP, 0, 224)
+    g, u, g1 = (np.full(80, np.nan, np.float32) for _ in range(3))
+    int4_simd.gemv_simd2(G, SG, U, SU, 5, 80, XP, x, g, u)
+    int4_simd.gemv_simd(G, SG, 5, 80, XP, x, g1)
+    assert np.array_equal(g[:75], g1[:75]) and np.isfinite(u[:75]).all() and np.isnan(g[75:]).all()
+
+
+@pytest.mark.parametrize("hidden, inter", [(672, 320), (7168, 2048)])
+def test_decode_ragged_widths_and_extreme_scales(hidden, inter):
+    """Both widths not multiples of 128 (672 = 5 chunks + 32, 320 = 2 chunks + 64: gate/up and down tails), and
+    one expert with group scales spanning 2^-30 .. 2^10 (gate, up) and 2^-60 .. 2^40 (down): finite outputs."""
+    stack = make_stack(E=4, hidden=hidden, inter=inter, seed=11)
+    rng = np.random.default_rng(11)
+    for s, lo, hi in ((stack.gate_s, -30, 10), (stack.up_s, -30, 10), (stack.down_s, -60, 40)):
+        e = rng.integers(lo, hi + 1, size=s[2].shape)
+        s[2] = (np.ldexp(1.0, e).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    for T in (1, 2):
+        ids, w = route(T, 4, 3, seed=T)
+        ids[0, 0] = 2
+        x = rng.standard_normal((T, hidden)).astype(np.float32)
+        out = np.full_like(x, np.nan)
+        moe_decode_int4(x, ids, w, stack.gate, stack.gate_s, stack.up, stack.up_s, stack.down, stack.down_s, out)
+        with np.errstate(over="ignore"):  # the reference's exp(-g) for g << 0 (silu -> 0)
+            ref = reference_moe_int4(x, ids, w, stack)
+        assert np.isfinite(out).all() and (np.abs(out - ref) <= 1e-5 * np.abs(ref).max(axis=1, keepdims=True)).all()
