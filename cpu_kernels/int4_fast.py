@@ -110,7 +110,8 @@ def _rows_avx2_codegen(context, builder, sig, args):
                 lo = builder.and_(raw, low)
                 hi = builder.and_(builder.bitcast(builder.lshr(builder.bitcast(raw, sir.V16I16),
                                                                sir.splat(sir.V16I16, 4)), sir.V32I8), low)  # fmt: skip
-                p = [sir.call(builder, "llvm.x86.avx2.pmadd.ub.sw", sir.V16I16, [n, xv]) for n, xv in ((lo, xl), (hi, xh))]
+                p = [sir.call(builder, "llvm.x86.avx2.pmadd.ub.sw", sir.V16I16, [n, xv])
+                     for n, xv in ((lo, xl), (hi, xh))]  # fmt: skip
                 t = sir.call(builder, "llvm.x86.avx2.pmadd.wd", sir.V8I32, [builder.add(p[0], p[1]), ones])
                 f = builder.sitofp(builder.sub(t, xsum), sir.V8F32)
                 scale = builder.fmul(_scales8(builder, srow, soff, h), xscale)

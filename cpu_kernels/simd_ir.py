@@ -11,7 +11,8 @@ from numba.core import cgutils
 
 I8, I16, I32, I64, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 V16I32, V16F32, V64I8 = ir.VectorType(I32, 16), ir.VectorType(F32, 16), ir.VectorType(I8, 64)
-V8I32, V8F32, V16I16, V32I8 = ir.VectorType(I32, 8), ir.VectorType(F32, 8), ir.VectorType(I16, 16), ir.VectorType(I8, 32)
+V8I32, V8F32 = ir.VectorType(I32, 8), ir.VectorType(F32, 8)
+V16I16, V32I8 = ir.VectorType(I16, 16), ir.VectorType(I8, 32)
 I8P = ir.PointerType(I8)
 
 
