@@ -109,7 +109,7 @@ def ceilings(stack, fmt: str, seconds: float = 1.0) -> dict:
     else:
         kernels = {"generic": lambda n: _int4_generic(G, SG, U, SU, x, n)}
         if int4_simd.SIMD:
-            kernels[getattr(int4_simd, "ISA", "avx512")] = lambda n: _int4_simd(G, SG, U, SU, x, n)
+            kernels[int4_simd.ISA] = lambda n: _int4_simd(G, SG, U, SU, x, n)
         if int4_fast.FAST:
             kernels["vnni_fast" if int4_fast.VNNI else "avx2_fast"] = lambda n: _int4_fast(G, SG, U, SU, x, n)
         weight_bytes = 2 * ROWS * (G.shape[1] + 2 * SG.shape[1])  # packed nibbles + bf16 scales

@@ -57,8 +57,7 @@ CX = 64  # codes per 64-byte chunk of a row
 PREFETCH = 512  # bytes ahead in each weight row
 # AVX2 placement: the fp32 pattern is the e4m3 value times 2^-120; x carries 2^60 of it (folded into the block
 # scales: an x * s up to 2^68 stays finite, products of x * s down to 2^-51 stay normal) and each row's sum the rest
-X_UNIT = np.float32(2.0**60) if ISA == "avx2" else np.float32(1.0)
-OUT_UNIT = np.float32(2.0**60) if ISA == "avx2" else np.float32(1.0)
+X_UNIT = OUT_UNIT = np.float32(2.0**60) if ISA == "avx2" else np.float32(1.0)
 
 
 def _bf16_tables() -> tuple[np.ndarray, np.ndarray]:
@@ -90,8 +89,7 @@ def _rows_codegen(fast: bool):
         r, st = args[1], args[2]
         wp, W = sir.array_data(context, builder, sig.args[0], args[0])
         Kb = builder.extract_value(W.shape, 1)
-        rows = [builder.gep(wp, [builder.mul(builder.add(r, builder.mul(st, ir.Constant(sir.I64, i))), Kb)])
-                for i in range(8)]  # fmt: skip
+        rows = sir.row_pointers(builder, wp, Kb, r, st, 8)
         xp = sir.array_data(context, builder, sig.args[3], args[3])[0]
         tables = [_bytes(t) for t in (_LO[:64], _LO[64:], _HI[:64], _HI[64:])]
         sign, high = sir.splat(sir.V64I8, -128), sir.splat(sir.V16I32, 0xFFFF0000 - (1 << 32))
@@ -139,8 +137,7 @@ def _rows_avx2_codegen(context, builder, sig, args):
     r, st = args[1], args[2]
     wp, W = sir.array_data(context, builder, sig.args[0], args[0])
     Kb = builder.extract_value(W.shape, 1)
-    rows = [builder.gep(wp, [builder.mul(builder.add(r, builder.mul(st, ir.Constant(sir.I64, i))), Kb)])
-            for i in range(NR)]  # fmt: skip
+    rows = sir.row_pointers(builder, wp, Kb, r, st, NR)
     xp = sir.array_data(context, builder, sig.args[3], args[3])[0]
     mask16, high = sir.splat(sir.V16I16, 0x87F0), sir.splat(sir.V8I32, 0xFFFF0000)
     accs = [cgutils.alloca_once_value(builder, sir.splat(sir.V8F32, 0.0)) for _ in range(2 * NR)]

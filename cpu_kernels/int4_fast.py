@@ -22,7 +22,7 @@ from numba.extending import intrinsic
 from . import simd_ir as sir
 from .decode import _silu_clamped
 from .int4_kernels import CHUNK, GROUP
-from .int4_simd import _scales8, _scales16, _tail
+from .int4_simd import _scales8, _scales16, _tail, _weight_rows
 
 VNNI = sir.has_features("HYBRID_INT4_SIMD", "avx512f", "avx512bw", "avx512vnni")
 ISA = "avx512" if VNNI else "avx2" if sir.has_features("HYBRID_INT4_SIMD", "avx2", "fma") else None
@@ -37,16 +37,8 @@ def _rows_codegen():
     """Dots of the full chunks of rows r + i * st (i < 8) with a token's quantized activations Q."""
 
     def codegen(context, builder, sig, args):
-        W, S, r, st, Q = args
-        wp, Wa = sir.array_data(context, builder, sig.args[0], W)
-        sp, Sa = sir.array_data(context, builder, sig.args[1], S)
-        qp, _ = sir.array_data(context, builder, sig.args[4], Q)
-        Kb = builder.extract_value(Wa.shape, 1)
-        sb = builder.mul(builder.extract_value(Sa.shape, 1), ir.Constant(sir.I64, 2))
-        rows = []
-        for i in range(8):
-            row = builder.add(r, builder.mul(st, ir.Constant(sir.I64, i)))
-            rows.append((builder.gep(wp, [builder.mul(row, Kb)]), builder.gep(sp, [builder.mul(row, sb)])))
+        rows, Kb = _weight_rows(context, builder, sig, args, 0, args[2], args[3], 8)
+        qp, _ = sir.array_data(context, builder, sig.args[4], args[4])
         low = sir.splat(_V64I8, 15)
         accs = [cgutils.alloca_once_value(builder, sir.splat(sir.V16F32, 0.0)) for _ in rows]
         with cgutils.for_range(builder, builder.udiv(Kb, ir.Constant(sir.I64, CB))) as loop:
@@ -80,16 +72,8 @@ def _rows_avx2_codegen(context, builder, sig, args):
     """AVX2: each 32-byte half of a chunk as the AVX-512 kernel's lanes 8h .. 8h + 7 (same Q layout): vpmaddubsw
     (nibble x int8, adjacent pairs to int16: at most 2 * 15 * 127, no saturation), low + high nibble sums, vpmaddwd
     with ones to the dword lanes; 11 vector ops per 32 bytes and row."""
-    W, S, r, st, Q = args
-    wp, Wa = sir.array_data(context, builder, sig.args[0], W)
-    sp, Sa = sir.array_data(context, builder, sig.args[1], S)
-    qp, _ = sir.array_data(context, builder, sig.args[4], Q)
-    Kb = builder.extract_value(Wa.shape, 1)
-    sb = builder.mul(builder.extract_value(Sa.shape, 1), ir.Constant(sir.I64, 2))
-    rows = []
-    for i in range(NR):
-        row = builder.add(r, builder.mul(st, ir.Constant(sir.I64, i)))
-        rows.append((builder.gep(wp, [builder.mul(row, Kb)]), builder.gep(sp, [builder.mul(row, sb)])))
+    rows, Kb = _weight_rows(context, builder, sig, args, 0, args[2], args[3], NR)
+    qp, _ = sir.array_data(context, builder, sig.args[4], args[4])
     low, ones = sir.splat(sir.V32I8, 15), sir.splat(sir.V16I16, 1)
     accs = [cgutils.alloca_once_value(builder, sir.splat(sir.V8F32, 0.0)) for _ in rows]
     with cgutils.for_range(builder, builder.udiv(Kb, ir.Constant(sir.I64, CB))) as loop:

@@ -72,24 +72,26 @@ def _scales16(builder, base, off):
     return builder.bitcast(v, _V16F32)
 
 
+def _weight_rows(context, builder, sig, args, m, r, st, n):
+    """(weight row, scale row) byte pointers of rows r + i * st (i < n) of the matrix and bf16 scales in args m, m + 1,
+    and the weight rows' length in bytes."""
+    wp, W = sir.array_data(context, builder, sig.args[m], args[m])
+    sp, S = sir.array_data(context, builder, sig.args[m + 1], args[m + 1])
+    Kb = builder.extract_value(W.shape, 1)
+    sb = builder.mul(builder.extract_value(S.shape, 1), ir.Constant(_I64, 2))
+    return list(zip(sir.row_pointers(builder, wp, Kb, r, st, n), sir.row_pointers(builder, sp, sb, r, st, n))), Kb
+
+
 def _rows_codegen(nmat):
     """Code for the full 128-element chunks of rows r + i * st (i < 8) of nmat matrices, with the arranged x XP."""
 
     def codegen(context, builder, sig, args):
-        i8p = ir.PointerType(ir.IntType(8))
         r, st = args[2 * nmat], args[2 * nmat + 1]
-        XP = context.make_array(sig.args[2 * nmat + 2])(context, builder, args[2 * nmat + 2])
-        xp = builder.bitcast(XP.data, i8p)
+        xp = sir.array_data(context, builder, sig.args[2 * nmat + 2], args[2 * nmat + 2])[0]
         rows = []  # (weight row, scale row) byte pointers
         for m in range(nmat):
-            W = context.make_array(sig.args[2 * m])(context, builder, args[2 * m])
-            S = context.make_array(sig.args[2 * m + 1])(context, builder, args[2 * m + 1])
-            Kb = builder.extract_value(W.shape, 1)
-            sb = builder.mul(builder.extract_value(S.shape, 1), ir.Constant(_I64, 2))
-            wp, sp = builder.bitcast(W.data, i8p), builder.bitcast(S.data, i8p)
-            for i in range(8):
-                row = builder.add(r, builder.mul(st, ir.Constant(_I64, i)))
-                rows.append((builder.gep(wp, [builder.mul(row, Kb)]), builder.gep(sp, [builder.mul(row, sb)])))
+            mrows, Kb = _weight_rows(context, builder, sig, args, 2 * m, r, st, 8)
+            rows += mrows
         codes = ir.Constant(_V16F32, [ir.Constant(_F32, float(q)) for q in range(-8, 8)])
         accs = [cgutils.alloca_once_value(builder, _splat(_V16F32, 0.0)) for _ in rows]
         with cgutils.for_range(builder, builder.udiv(Kb, ir.Constant(_I64, 64))) as loop:
@@ -167,16 +169,9 @@ def _rows_avx2():
     """_rows_codegen(1) for AVX2: rows r + i * st (i < 8), in 2 passes of ROWS2 rows."""
 
     def codegen(context, builder, sig, args):
-        W, S, r, st, XP = args
-        wp, Wa = sir.array_data(context, builder, sig.args[0], W)
-        sp, Sa = sir.array_data(context, builder, sig.args[1], S)
-        xp, _ = sir.array_data(context, builder, sig.args[4], XP)
-        Kb = builder.extract_value(Wa.shape, 1)
-        sb = builder.mul(builder.extract_value(Sa.shape, 1), ir.Constant(_I64, 2))
-        rows = []  # (weight row, scale row) byte pointers
-        for i in range(8):
-            row = builder.add(r, builder.mul(st, ir.Constant(_I64, i)))
-            rows.append((builder.gep(wp, [builder.mul(row, Kb)]), builder.gep(sp, [builder.mul(row, sb)])))
+        r, st = args[2], args[3]
+        rows, Kb = _weight_rows(context, builder, sig, args, 0, r, st, 8)  # (weight row, scale row) byte pointers
+        xp, _ = sir.array_data(context, builder, sig.args[4], args[4])
         accs = [cgutils.alloca_once_value(builder, _splat(sir.V8F32, 0.0)) for _ in rows]
         for p in range(0, 8, ROWS2):
             with cgutils.for_range(builder, builder.udiv(Kb, ir.Constant(_I64, 64))) as loop:
@@ -311,19 +306,10 @@ def _micro_codegen():
     """Code for rows r .. r+TRS-1 of W x TTS tokens (rows tok[0..TTS-1] of the arranged XP), full chunks."""
 
     def codegen(context, builder, sig, args):
-        i8p = ir.PointerType(ir.IntType(8))
-        W = context.make_array(sig.args[0])(context, builder, args[0])
-        S = context.make_array(sig.args[1])(context, builder, args[1])
-        XP = context.make_array(sig.args[3])(context, builder, args[3])
+        rows, Kb = _weight_rows(context, builder, sig, args, 0, args[2], ir.Constant(_I64, 1), TRS)
+        xp, XP = sir.array_data(context, builder, sig.args[3], args[3])
         tok = context.make_array(sig.args[4])(context, builder, args[4])
-        Kb = builder.extract_value(W.shape, 1)
-        sb = builder.mul(builder.extract_value(S.shape, 1), ir.Constant(_I64, 2))
-        wp, sp = builder.bitcast(W.data, i8p), builder.bitcast(S.data, i8p)
-        rows = []
-        for i in range(TRS):
-            row = builder.add(args[2], ir.Constant(_I64, i))
-            rows.append((builder.gep(wp, [builder.mul(row, Kb)]), builder.gep(sp, [builder.mul(row, sb)])))
-        xp, xstride = builder.bitcast(XP.data, i8p), builder.extract_value(XP.strides, 0)
+        xstride = builder.extract_value(XP.strides, 0)
         toks = [builder.gep(xp, [builder.mul(builder.load(builder.gep(tok.data, [ir.Constant(_I64, j)])), xstride)])
                 for j in range(TTS)]  # fmt: skip
         codes = ir.Constant(_V16F32, [ir.Constant(_F32, float(q)) for q in range(-8, 8)])

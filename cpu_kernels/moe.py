@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .decode import moe_decode
-from .fp8_simd import FAST, SIMD, moe_decode_simd
+from .fp8_simd import SIMD, moe_decode_simd
 from .dequant import dequantize_into
 from .linear import bf16_linear, fp8_linear
 from .prefill import moe_prefill
@@ -85,7 +85,7 @@ def routed_moe(x, ids, weights, stack: ExpertStack, out, fast: bool = False) -> 
     if x.shape[0] > DECODE_MAX_TOKENS:
         moe_prefill(x, ids, weights, *arrays)
     elif SIMD:
-        moe_decode_simd(x, ids, weights, *arrays, fast and FAST)
+        moe_decode_simd(x, ids, weights, *arrays, fast)
     else:
         moe_decode(x, ids, weights, *arrays)
     return out

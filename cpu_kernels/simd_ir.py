@@ -110,6 +110,12 @@ def hsum(builder, v):
     return builder.extract_element(v, ir.Constant(I32, 0))
 
 
+def row_pointers(builder, base, row_bytes, r, st, n):
+    """i8* pointers to rows r, r + st, ..., r + (n - 1) st of a row-major array at `base` (i64 r, st, row_bytes)."""
+    return [builder.gep(base, [builder.mul(builder.add(r, builder.mul(st, ir.Constant(I64, i))), row_bytes)])
+            for i in range(n)]  # fmt: skip
+
+
 def array_data(context, builder, ty, val):
     """(i8* data, the array struct) of a Numba array argument."""
     arr = context.make_array(ty)(context, builder, val)
