@@ -5,8 +5,9 @@ AVX2 (`_rows_avx2_codegen`, exact): no byte tables in AVX2, so each code's bits 
 bit 31, exponent and mantissa to bits 26..20 of an fp32, which is then the e4m3 value times 2^-120 for every code
 (subnormals become fp32 denormals, at full speed on Zen; Intel cores assist each one, hence AMD only). 9 integer
 ops + 4 FMAs per 32 codes, 4 rows in flight with two accumulators each (8 rows spill the 16 registers): on a Zen 3
-EPYC (2 cores, KVM) 17.8 GB/s per core from cache vs the generic 10.7; measured and dropped: fp16 patterns through
-vcvtph2ps (11), sign-extension to dwords (12), exact bf16 via vpshufb tables plus a subnormal patch (11).
+EPYC (2 cores, KVM) 17.6 GB/s per core from cache vs the generic's 10.1 (bench/cpu_experts.py --quick); measured
+and dropped in one-off microbenchmarks (generic ~10.7 there): fp16 patterns through vcvtph2ps (11), sign-extension
+to dwords (12), exact bf16 via vpshufb tables plus a subnormal patch (11).
 
 The generic kernel converts each code to fp32 through fp16 (vcvtph2ps: 2 uops per 16 codes): ~20 uops per 64
 bytes and row, 16.5 GB/s per core from L2, short of the DRAM share of bandwidth-rich cores. Here each 64-byte

@@ -1,7 +1,8 @@
 """The INT4 decode kernel's fast mode: activations quantized to int8 per 32-element group, nibbles times int8
 by AVX-512 VNNI (vpdpbusd), or on AVX2 by vpmaddubsw + vpmaddwd, as llama.cpp's Q4 x Q8 and KTransformers do. Off
 by default (the quality numbers are in the README); the exact kernel is int4_simd.py's. On AVX2 (a Zen 3 EPYC,
-2 cores, KVM) 20-21 GB/s per core from cache, 4 rows in flight (8: 13, the 16 registers spill); generic exact 4.7.
+2 cores, KVM) 20.4 GB/s per core from cache vs the generic exact kernel's 5.2 (bench/cpu_experts.py --quick); 4 rows
+in flight (8 spill the 16 registers: 13 against 21 in a one-off A/B).
 
 A 64-byte load of a row holds 128 weights: its low nibbles (weights 2b) and high nibbles (2b + 1) are masked into
 two byte vectors of unsigned codes n = q + 8, and each vpdpbusd sums four n * x8 products per dword lane, so lane
